@@ -1,0 +1,129 @@
+//! The daemon's local API: one JSON request per line on the Unix socket, one JSON response
+//! per line back. Directions are from the point of view of the processes in the cgroup.
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Rate;
+
+/// Default path of the daemon's socket.
+pub const DEFAULT_SOCKET: &str = "/run/podshaper/podshaper.sock";
+
+/// What to do with one direction's limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    /// Leave it as it is.
+    #[default]
+    Keep,
+    /// Remove the limit.
+    Unlimited,
+    /// Limit to this rate.
+    Set(Rate),
+}
+
+/// A request to the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Set or change a cgroup's limits. A cgroup left with no limit is detached.
+    Limit {
+        cgroup: PathBuf,
+        #[serde(default)]
+        egress: Change,
+        #[serde(default)]
+        ingress: Change,
+    },
+    /// Remove every program, link and map entry of a cgroup.
+    Unlimit { cgroup: PathBuf },
+    /// The limited cgroups, or one of them.
+    Status {
+        #[serde(default)]
+        cgroup: Option<PathBuf>,
+    },
+    /// Remove every limit and all pinned state.
+    Reset,
+}
+
+/// Limits and counters of one cgroup, as `status` shows them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CgroupStatus {
+    /// Path of the cgroup directory ("?" if it could not be found).
+    pub cgroup: PathBuf,
+    /// The kernel's cgroup id.
+    pub id: u64,
+    pub egress: DirectionStatus,
+    pub ingress: DirectionStatus,
+}
+
+/// One direction of a [`CgroupStatus`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DirectionStatus {
+    /// The limit, or none.
+    pub limit: Option<Rate>,
+    /// Measured over the last second, bits/s of L3 traffic.
+    pub rate_bps: u64,
+    /// L3 bytes passed since the cgroup was limited.
+    pub bytes: u64,
+    pub packets: u64,
+    /// Packets dropped by the policer.
+    pub drops: u64,
+    /// Congestion signals: CN (egress) or ECN CE marks (ingress).
+    pub marks: u64,
+    /// TCP flows that moved data in the last epoch.
+    pub flows: u32,
+}
+
+/// The daemon's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// Done; for `limit`, the cgroup's status afterwards.
+    Ok {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<CgroupStatus>,
+    },
+    /// Status of the limited cgroups.
+    Status { cgroups: Vec<CgroupStatus> },
+    /// The request was refused or failed; nothing was changed.
+    Error { message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let r = Request::Limit {
+            cgroup: "/sys/fs/cgroup/x".into(),
+            egress: Change::Set(Rate::parse_quantity("10M").unwrap()),
+            ingress: Change::Keep,
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(!line.contains('\n'));
+        assert_eq!(
+            line,
+            r#"{"op":"limit","cgroup":"/sys/fs/cgroup/x","egress":{"set":10000000},"ingress":"keep"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
+    }
+
+    #[test]
+    fn malformed_requests_are_refused() {
+        assert!(serde_json::from_str::<Request>(
+            r#"{"op":"limit","cgroup":"/x","egress":{"set":5}}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+        let r: Request = serde_json::from_str(r#"{"op":"limit","cgroup":"/x"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Limit {
+                cgroup: "/x".into(),
+                egress: Change::Keep,
+                ingress: Change::Keep
+            }
+        );
+    }
+}

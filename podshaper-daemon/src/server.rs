@@ -1,0 +1,131 @@
+//! The Unix socket: JSON lines in, JSON lines out, root callers only.
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use podshaper_api::proto::{Request, Response};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{signal, SignalKind},
+};
+use tracing::{debug, info, warn};
+
+use crate::{Error, State};
+
+/// Where the daemon keeps its socket and pinned state.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub socket: PathBuf,
+    pub bpffs_root: PathBuf,
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. Limits stay in force after it returns.
+pub async fn run(opts: Options) -> Result<(), Error> {
+    let state = Arc::new(Mutex::new(State::open(&opts.bpffs_root)?));
+    let listener = bind(&opts.socket).await?;
+    let mut term = signal(SignalKind::terminate()).map_err(io("install SIGTERM handler".into()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io("install SIGINT handler".into()))?;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    info!(socket = %opts.socket.display(), "serving");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = ticker.tick() => {
+                if let Ok(mut s) = state.lock() { s.tick() }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => { tokio::spawn(serve(stream, state.clone())); }
+                Err(e) => warn!(error = %e, "accept"),
+            },
+        }
+    }
+    let _ = std::fs::remove_file(&opts.socket);
+    info!("stopped; limits stay in force");
+    Ok(())
+}
+
+async fn bind(path: &Path) -> Result<UnixListener, Error> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(Error::AlreadyRunning(path.to_path_buf()));
+        }
+        std::fs::remove_file(path)
+            .map_err(io(format!("remove stale socket {}", path.display())))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("chmod {}", path.display())))?;
+    Ok(listener)
+}
+
+async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) {
+    // The socket is 0600, but a process that inherited a descriptor is checked too.
+    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+    // SAFETY: geteuid has no preconditions.
+    let ours = unsafe { libc::geteuid() };
+    let (rd, mut wr) = stream.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let resp = if uid != Some(0) && uid != Some(ours) {
+            Response::Error {
+                message: "permission denied: only root may use the podshaper daemon".into(),
+            }
+        } else {
+            match serde_json::from_str::<Request>(&line) {
+                Ok(req) => {
+                    debug!(?req, "request");
+                    let state = state.clone();
+                    tokio::task::spawn_blocking(move || match state.lock() {
+                        Ok(mut s) => s.handle(req),
+                        Err(_) => Response::Error {
+                            message: "daemon state is poisoned; restart the daemon".into(),
+                        },
+                    })
+                    .await
+                    .unwrap_or_else(|e| Response::Error {
+                        message: format!("request failed: {e}"),
+                    })
+                }
+                Err(e) => Response::Error {
+                    message: format!("malformed request: {e}"),
+                },
+            }
+        };
+        let Ok(mut out) = serde_json::to_string(&resp) else {
+            break;
+        };
+        out.push('\n');
+        if wr.write_all(out.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Sends one request to the daemon at `socket` and returns its answer.
+pub async fn call(socket: &Path, req: &Request) -> std::io::Result<Response> {
+    let stream = UnixStream::connect(socket).await?;
+    let (rd, mut wr) = stream.into_split();
+    let mut line = serde_json::to_string(req).map_err(std::io::Error::other)?;
+    line.push('\n');
+    wr.write_all(line.as_bytes()).await?;
+    let mut lines = BufReader::new(rd).lines();
+    let resp = lines.next_line().await?.ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "daemon closed the connection",
+        )
+    })?;
+    serde_json::from_str(&resp).map_err(std::io::Error::other)
+}

@@ -1,0 +1,211 @@
+//! The daemon's state: the datapath plus what it cannot keep itself (cgroup paths and the
+//! last rate sample). Every request maps to one method here; the socket layer only parses.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use podshaper_api::{
+    proto::{CgroupStatus, Change, DirectionStatus, Request, Response},
+    Rate,
+};
+use podshaper_ebpf::{
+    abi::{EGRESS, INGRESS},
+    cgroup::{self, CgroupDir},
+    pins::Pins,
+    CgroupState, Datapath, Limits,
+};
+use tracing::{info, instrument, warn};
+
+use crate::Error;
+
+struct Sample {
+    at: Instant,
+    bytes: [u64; 2],
+    rate_bps: [u64; 2],
+}
+
+/// The datapath and the daemon's memory of the cgroups it limits.
+pub struct State {
+    datapath: Datapath,
+    mount: PathBuf,
+    paths: HashMap<u64, PathBuf>,
+    samples: HashMap<u64, Sample>,
+}
+
+impl State {
+    /// Loads the datapath under `root`, adopts what is pinned there and drops the state of
+    /// cgroups that disappeared while no daemon ran.
+    pub fn open(root: &Path) -> Result<Self, Error> {
+        let mount = cgroup::cgroup2_mount()?;
+        let mut datapath = Datapath::load(Pins::new(root))?;
+        let gone = datapath.collect_garbage()?;
+        if !gone.is_empty() {
+            info!(count = gone.len(), "removed state of cgroups that are gone");
+        }
+        let ids = datapath.limited()?;
+        let paths: HashMap<u64, PathBuf> = cgroup::find_by_ids(&mount, &ids).into_iter().collect();
+        info!(adopted = ids.len(), root = %root.display(), cgroup2 = %mount.display(), "datapath ready");
+        Ok(Self {
+            datapath,
+            mount,
+            paths,
+            samples: HashMap::new(),
+        })
+    }
+
+    /// Answers one request. Errors become `Response::Error`; a failed request changes nothing.
+    pub fn handle(&mut self, req: Request) -> Response {
+        let result = match req {
+            Request::Limit {
+                cgroup,
+                egress,
+                ingress,
+            } => self.limit(&cgroup, egress, ingress),
+            Request::Unlimit { cgroup } => self.unlimit(&cgroup),
+            Request::Status { cgroup } => self.status(cgroup.as_deref()),
+            Request::Reset => self.reset(),
+        };
+        result.unwrap_or_else(|e| Response::Error {
+            message: e.to_string(),
+        })
+    }
+
+    fn resolve(&self, user: &Path) -> Result<CgroupDir, Error> {
+        Ok(cgroup::resolve(user, &self.mount)?)
+    }
+
+    #[instrument(skip_all, fields(cgroup = %user.display()))]
+    fn limit(&mut self, user: &Path, egress: Change, ingress: Change) -> Result<Response, Error> {
+        let cg = self.resolve(user)?;
+        let current = self
+            .datapath
+            .state(cg.id)?
+            .map(|s| s.limits)
+            .unwrap_or_default();
+        let apply = |c: Change, cur: Option<u64>| match c {
+            Change::Keep => cur,
+            Change::Unlimited => None,
+            Change::Set(r) => Some(r.bps()),
+        };
+        let limits = Limits {
+            egress: apply(egress, current.egress),
+            ingress: apply(ingress, current.ingress),
+        };
+        self.datapath.set(&cg, limits)?;
+        if limits.is_none() {
+            self.forget(cg.id);
+        } else {
+            self.paths.insert(cg.id, cg.path.clone());
+        }
+        info!(?limits, "limits set");
+        let status = self.datapath.state(cg.id)?.map(|s| self.describe(&s));
+        Ok(Response::Ok { status })
+    }
+
+    #[instrument(skip_all, fields(cgroup = %user.display()))]
+    fn unlimit(&mut self, user: &Path) -> Result<Response, Error> {
+        let cg = self.resolve(user)?;
+        self.datapath.remove(cg.id)?;
+        self.forget(cg.id);
+        info!("limits removed");
+        Ok(Response::Ok { status: None })
+    }
+
+    fn forget(&mut self, id: u64) {
+        self.paths.remove(&id);
+        self.samples.remove(&id);
+    }
+
+    fn status(&mut self, only: Option<&Path>) -> Result<Response, Error> {
+        let only = only.map(|p| self.resolve(p)).transpose()?;
+        let mut cgroups = Vec::new();
+        for id in self.datapath.limited()? {
+            if only.as_ref().is_some_and(|c| c.id != id) {
+                continue;
+            }
+            if let Some(s) = self.datapath.state(id)? {
+                cgroups.push(self.describe(&s));
+            }
+        }
+        Ok(Response::Status { cgroups })
+    }
+
+    fn reset(&mut self) -> Result<Response, Error> {
+        let root = self.datapath.pins().root().to_path_buf();
+        podshaper_ebpf::reset(&root)?;
+        // The loaded programs still use the maps just unpinned: load afresh so new limits
+        // land in pinned maps a later daemon can adopt.
+        self.datapath = Datapath::load(Pins::new(&root))?;
+        self.paths.clear();
+        self.samples.clear();
+        info!("all limits and pinned state removed");
+        Ok(Response::Ok { status: None })
+    }
+
+    /// Samples the byte counters to compute the rates `status` shows, and removes the state
+    /// of cgroups that were deleted. Called once a second.
+    pub fn tick(&mut self) {
+        let now = Instant::now();
+        let ids = match self.datapath.limited() {
+            Ok(ids) => ids,
+            Err(e) => return warn!(error = %e, "list limited cgroups"),
+        };
+        for id in ids {
+            match self.datapath.state(id) {
+                Ok(Some(s)) => {
+                    let sample = self.samples.entry(id).or_insert(Sample {
+                        at: now,
+                        bytes: s.stats.bytes,
+                        rate_bps: [0, 0],
+                    });
+                    let dt = now.duration_since(sample.at).as_secs_f64();
+                    if dt >= 0.5 {
+                        for d in [EGRESS, INGRESS] {
+                            let delta = s.stats.bytes[d].saturating_sub(sample.bytes[d]);
+                            sample.rate_bps[d] = (delta as f64 * 8.0 / dt) as u64;
+                        }
+                        sample.at = now;
+                        sample.bytes = s.stats.bytes;
+                    }
+                }
+                Ok(None) => {
+                    info!(id, "cgroup is gone; removing its state");
+                    if let Err(e) = self.datapath.remove(id) {
+                        warn!(id, error = %e, "remove state of a removed cgroup");
+                    }
+                    self.forget(id);
+                }
+                Err(e) => warn!(id, error = %e, "read cgroup state"),
+            }
+        }
+    }
+
+    fn describe(&self, s: &CgroupState) -> CgroupStatus {
+        let rates = self
+            .samples
+            .get(&s.id)
+            .map(|x| x.rate_bps)
+            .unwrap_or([0, 0]);
+        let dir = |d: usize, limit: Option<u64>| DirectionStatus {
+            limit: limit.and_then(|b| Rate::from_bps(b).ok()),
+            rate_bps: rates[d],
+            bytes: s.stats.bytes[d],
+            packets: s.stats.packets[d],
+            drops: s.stats.drops[d],
+            marks: s.stats.marks[d],
+            flows: s.flows[d],
+        };
+        CgroupStatus {
+            cgroup: self
+                .paths
+                .get(&s.id)
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from("?")),
+            id: s.id,
+            egress: dir(EGRESS, s.limits.egress),
+            ingress: dir(INGRESS, s.limits.ingress),
+        }
+    }
+}

@@ -1,0 +1,30 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+// Copyright (c) 2026 The podshaper authors
+//
+// Host program run by build.rs: prints the C layout of podshaper.h as Rust constants, which
+// src/abi.rs tests compare with the #[repr(C)] mirrors.
+#include <stddef.h>
+#include <stdio.h>
+#include <linux/bpf.h>
+#include "podshaper.h"
+
+#define SIZE(t) printf("pub const SIZE_%s: usize = %zu;\n", #t, sizeof(struct t))
+#define OFF(t, f, n) printf("pub const OFF_%s_%s: usize = %zu;\n", #t, n, offsetof(struct t, f))
+
+int main(void)
+{
+	printf("pub const ABI_VERSION: u32 = %d;\n", PS_ABI_VERSION);
+	SIZE(ps_config);
+	SIZE(ps_dir_state);
+	SIZE(ps_cgroup);
+	SIZE(ps_stats);
+	SIZE(ps_flow);
+	OFF(ps_config, generation, "generation");
+	OFF(ps_dir_state, share, "share");
+	OFF(ps_dir_state, epoch, "epoch");
+	OFF(ps_cgroup, config, "config");
+	OFF(ps_cgroup, dir, "dir");
+	OFF(ps_stats, marks, "marks");
+	OFF(ps_stats, adjusts, "adjusts");
+	return 0;
+}

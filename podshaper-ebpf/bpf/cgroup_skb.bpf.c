@@ -1,0 +1,201 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+// Copyright (c) 2026 The podshaper authors
+//
+// cgroup_skb programs: account every packet of a limited cgroup, count the TCP flows that move
+// data (for sock_ops' per-flow share), police non-TCP traffic and backstop TCP.
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "maps.h"
+
+// Return values of cgroup_skb programs. The _CN forms (egress only, kernel 5.3, 5cf1e914) also
+// tell a local TCP sender to enter CWR; a UDP sender sees ENOBUFS on drop.
+#define PS_DROP 0
+#define PS_PASS 1
+#define PS_DROP_CN 2
+#define PS_PASS_CN 3
+
+#define PS_LOOPBACK_IFINDEX 1
+#define PS_IP_OFFSET_MASK 0x1fff
+
+struct ps_pkt {
+	__u32 hdrlen; // L3 + L4 header bytes of one segment
+	__u32 wire; // L3 bytes on the wire, every GSO segment with its headers
+	__u8 tcp;
+	__u8 payload;
+	__u8 ect;
+};
+
+static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
+{
+	__u32 l3 = 0, proto = 0;
+
+	p->hdrlen = 0;
+	p->tcp = 0;
+	p->payload = 0;
+	p->ect = 0;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
+			goto out;
+		l3 = ip.ihl * 4;
+		// Later fragments carry no L4 header.
+		if (!(ip.frag_off & bpf_htons(PS_IP_OFFSET_MASK)))
+			proto = ip.protocol;
+		p->ect = ip.tos & 3;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
+			goto out;
+		l3 = sizeof(ip6);
+		proto = ip6.nexthdr; // extension headers: counted, not parsed
+		p->ect = (ip6.flow_lbl[0] >> 4) & 3;
+	}
+	p->hdrlen = l3;
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr th;
+
+		if (!bpf_skb_load_bytes(skb, l3, &th, sizeof(th))) {
+			p->tcp = 1;
+			p->hdrlen = l3 + th.doff * 4;
+		}
+	} else if (proto == IPPROTO_UDP) {
+		p->hdrlen = l3 + 8;
+	}
+out:
+	p->wire = skb->len;
+	if (skb->len > p->hdrlen)
+		p->payload = 1;
+	if (skb->gso_segs > 1 && skb->gso_segs < 0xffff)
+		p->wire += (skb->gso_segs - 1) * p->hdrlen;
+}
+
+static __always_inline __u64 ps_max(__u64 a, __u64 b)
+{
+	return a > b ? a : b;
+}
+
+static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
+{
+	struct ps_cgroup *cg = bpf_get_local_storage(&ps_cgroups, 0);
+	struct ps_stats *st = bpf_get_local_storage(&ps_stats, 0);
+	struct ps_flow *fl = NULL;
+	struct ps_dir_state *d;
+	struct ps_pkt p;
+	__u64 rate, now, burst, depth, elapsed;
+	int verdict = PS_PASS, mark = 0;
+
+	// Loopback (127.0.0.0/8, ::1, the pod's own addresses) stays free and uncounted.
+	if (skb->ifindex == PS_LOOPBACK_IFINDEX)
+		return PS_PASS;
+	ps_parse(skb, &p);
+
+	rate = ps_rate(cg, dir);
+	if (!rate)
+		goto count;
+
+	if (p.tcp && p.payload && skb->sk) {
+		struct bpf_sock *sk = bpf_sk_fullsock(skb->sk);
+
+		if (sk)
+			fl = bpf_sk_storage_get(&ps_flows, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	}
+	// Bucket depth: 5 ms at the limit for policing, 20 ms of debt before TCP is signalled.
+	burst = ps_max(rate / 200, 3 * 1514);
+	depth = ps_max(rate / 50, 64 * 1024);
+	now = bpf_ktime_get_ns();
+
+	bpf_spin_lock(&cg->lock);
+	d = &cg->dir[dir];
+	if (cg->generation_seen != cg->config.generation) {
+		// New limits: restart both directions' controllers from a full bucket.
+		cg->generation_seen = cg->config.generation;
+		cg->dir[0].share = 0;
+		cg->dir[1].share = 0;
+		cg->dir[0].refill_ns = 0;
+		cg->dir[1].refill_ns = 0;
+	}
+	if (!d->refill_ns) {
+		d->tokens = burst;
+		d->refill_ns = now;
+		d->epoch_start_ns = now;
+		d->epoch_bytes = 0;
+	}
+	elapsed = now - d->refill_ns;
+	if (elapsed > PS_NSEC)
+		elapsed = PS_NSEC;
+	d->tokens += ps_bytes_in(rate, elapsed);
+	if (d->tokens > (__s64)burst)
+		d->tokens = burst;
+	d->refill_ns = now;
+	ps_roll_epoch(d, rate, now);
+
+	if (fl && fl->epoch[dir] != d->epoch + 1) {
+		// First data of this flow in this epoch: it counts as active. A flow joining
+		// shrinks the share at once; the controller hands unused share back later.
+		fl->epoch[dir] = d->epoch + 1;
+		d->flows_cur++;
+		if (d->flows_cur > d->flows_prev && d->share > rate / d->flows_cur)
+			d->share = rate / d->flows_cur;
+	}
+
+	if (!p.tcp) {
+		if (d->tokens <= 0)
+			verdict = dir == PS_EGRESS ? PS_DROP_CN : PS_DROP;
+	} else if (dir == PS_EGRESS) {
+		// TCP is paced by sock_ops; the bucket only catches what pacing misses
+		// (flows older than the attach, overshoot) with CN first, drop last.
+		if (d->tokens <= -(__s64)(2 * depth))
+			verdict = PS_DROP_CN;
+		else if (d->tokens <= -(__s64)depth)
+			verdict = PS_PASS_CN;
+	} else {
+		if (d->tokens <= -(__s64)depth)
+			verdict = PS_DROP;
+		else if (d->tokens <= 0 && (p.ect == 1 || p.ect == 2))
+			mark = 1;
+	}
+	if (verdict & 1) {
+		d->tokens -= p.wire;
+		d->epoch_bytes += p.wire;
+	}
+	bpf_spin_unlock(&cg->lock);
+
+	if (mark && bpf_skb_ecn_set_ce(skb))
+		__sync_fetch_and_add(&st->marks[dir], 1);
+	if (verdict == PS_PASS_CN)
+		__sync_fetch_and_add(&st->marks[dir], 1);
+	if (!(verdict & 1)) {
+		__sync_fetch_and_add(&st->drops[dir], 1);
+		return verdict;
+	}
+count:
+	__sync_fetch_and_add(&st->bytes[dir], p.wire);
+	__sync_fetch_and_add(&st->packets[dir], 1);
+	return verdict;
+}
+
+// Hook: cgroup_skb/egress (BPF_CGROUP_INET_EGRESS), attached with a bpf_link to each limited
+// cgroup. Returns PS_PASS, PS_PASS_CN, PS_DROP_CN. Kernel 5.7 (links), 5.9 (shared storage).
+SEC("cgroup_skb/egress")
+int ps_egress(struct __sk_buff *skb)
+{
+	return ps_handle(skb, PS_EGRESS);
+}
+
+// Hook: cgroup_skb/ingress (BPF_CGROUP_INET_INGRESS). Returns PS_PASS (maybe CE-marked) or
+// PS_DROP. Kernel 5.7.
+SEC("cgroup_skb/ingress")
+int ps_ingress(struct __sk_buff *skb)
+{
+	return ps_handle(skb, PS_INGRESS);
+}
+
+char _license[] SEC("license") = "GPL";

@@ -1,0 +1,74 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+// Copyright (c) 2026 The podshaper authors
+//
+// The C/Rust ABI of the podshaper datapath: map values shared by the BPF programs and the
+// daemon. src/abi.rs mirrors every struct here with #[repr(C)]; tests assert sizes and offsets.
+// Bump PS_ABI_VERSION on any layout change: pins live under a per-version bpffs directory.
+#ifndef PODSHAPER_H
+#define PODSHAPER_H
+
+#include <linux/types.h>
+
+#define PS_ABI_VERSION 1
+
+#define PS_EGRESS 0
+#define PS_INGRESS 1
+
+// Limits set by the daemon for one cgroup, in bits per second of L3 traffic (IP header and
+// payload, every GSO segment counted with its headers); 0 means no limit in that direction.
+// The programs work in bytes: ps_rate() converts.
+struct ps_config {
+	__u64 rate[2];
+	// Bumped by the daemon on every change; the programs reset their controllers when it moves.
+	__u32 generation;
+	__u32 flags;
+};
+
+// Controller state of one direction, written by the BPF programs under ps_cgroup.lock.
+struct ps_dir_state {
+	// Token bucket in bytes; negative is debt. Polices non-TCP, backstops TCP.
+	__s64 tokens;
+	__u64 refill_ns;
+	// Measurement epoch: bytes passed and distinct TCP flows that moved data in it.
+	__u64 epoch_start_ns;
+	__u64 epoch_bytes;
+	// Per-flow share (L3 bytes/s) that sock_ops applies to each TCP flow of the cgroup.
+	__u64 share;
+	// Aggregate rate measured over the last full epoch (L3 bytes/s), for status.
+	__u64 measured;
+	__u32 epoch;
+	__u32 flows_cur;
+	__u32 flows_prev;
+	__u32 _pad;
+};
+
+// Per-cgroup value of ps_cgroups: the daemon's config and the programs' state.
+struct ps_cgroup {
+	struct bpf_spin_lock lock;
+	__u32 generation_seen;
+	struct ps_config config;
+	struct ps_dir_state dir[2];
+};
+
+// Per-CPU counters of one cgroup, value of ps_stats. Summed over CPUs by the daemon.
+struct ps_stats {
+	__u64 bytes[2];
+	__u64 packets[2];
+	// Packets dropped by the policer.
+	__u64 drops[2];
+	// Congestion signals: CN on egress (pass or drop), CE marks on ingress.
+	__u64 marks[2];
+	// setsockopt calls that changed a flow's pacing rate or window clamp.
+	__u64 adjusts[2];
+};
+
+// Per-socket state of ps_flows (socket local storage): what sock_ops last applied and the
+// epoch in which the flow was last counted as active.
+struct ps_flow {
+	__u64 applied[2];
+	__u32 epoch[2];
+	__u32 generation;
+	__u32 _pad;
+};
+
+#endif

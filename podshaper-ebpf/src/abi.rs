@@ -1,0 +1,109 @@
+//! `#[repr(C)]` mirrors of the map values in `bpf/podshaper.h`. Only this crate reads or
+//! writes map memory; the tests below compare every layout with what the C compiler says.
+
+/// Version of the pinned-state layout; pins live under `<bpffs root>/v<ABI_VERSION>`.
+pub const ABI_VERSION: u32 = 1;
+
+/// Index of the egress direction in the per-direction arrays.
+pub const EGRESS: usize = 0;
+/// Index of the ingress direction in the per-direction arrays.
+pub const INGRESS: usize = 1;
+
+/// `struct ps_config`: the limits the daemon sets (L3 bytes per second, 0 = none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub rate: [u64; 2],
+    pub generation: u32,
+    pub flags: u32,
+}
+
+/// `struct ps_dir_state`: one direction's controller state, written by BPF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DirState {
+    pub tokens: i64,
+    pub refill_ns: u64,
+    pub epoch_start_ns: u64,
+    pub epoch_bytes: u64,
+    pub share: u64,
+    pub measured: u64,
+    pub epoch: u32,
+    pub flows_cur: u32,
+    pub flows_prev: u32,
+    pub pad: u32,
+}
+
+/// `struct ps_cgroup`: value of `ps_cgroups`. `lock` is never touched from user space; the
+/// kernel skips it on BPF_F_LOCK copies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cgroup {
+    pub lock: u32,
+    pub generation_seen: u32,
+    pub config: Config,
+    pub dir: [DirState; 2],
+}
+
+/// `struct ps_stats`: one CPU's counters of one cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub bytes: [u64; 2],
+    pub packets: [u64; 2],
+    pub drops: [u64; 2],
+    pub marks: [u64; 2],
+    pub adjusts: [u64; 2],
+}
+
+impl Stats {
+    /// Adds another CPU's counters to these.
+    pub fn add(&mut self, o: &Stats) {
+        for d in 0..2 {
+            self.bytes[d] += o.bytes[d];
+            self.packets[d] += o.packets[d];
+            self.drops[d] += o.drops[d];
+            self.marks[d] += o.marks[d];
+            self.adjusts[d] += o.adjusts[d];
+        }
+    }
+}
+
+/// `struct ps_flow`: per-socket state (only its size matters to user space).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Flow {
+    pub applied: [u64; 2],
+    pub epoch: [u32; 2],
+    pub generation: u32,
+    pub pad: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{offset_of, size_of};
+
+    use super::*;
+
+    #[allow(non_upper_case_globals)]
+    mod c {
+        include!(concat!(env!("OUT_DIR"), "/abi_layout.rs"));
+    }
+
+    #[test]
+    fn layouts_match_podshaper_h() {
+        assert_eq!(ABI_VERSION, c::ABI_VERSION);
+        assert_eq!(size_of::<Config>(), c::SIZE_ps_config);
+        assert_eq!(size_of::<DirState>(), c::SIZE_ps_dir_state);
+        assert_eq!(size_of::<Cgroup>(), c::SIZE_ps_cgroup);
+        assert_eq!(size_of::<Stats>(), c::SIZE_ps_stats);
+        assert_eq!(size_of::<Flow>(), c::SIZE_ps_flow);
+        assert_eq!(offset_of!(Config, generation), c::OFF_ps_config_generation);
+        assert_eq!(offset_of!(DirState, share), c::OFF_ps_dir_state_share);
+        assert_eq!(offset_of!(DirState, epoch), c::OFF_ps_dir_state_epoch);
+        assert_eq!(offset_of!(Cgroup, config), c::OFF_ps_cgroup_config);
+        assert_eq!(offset_of!(Cgroup, dir), c::OFF_ps_cgroup_dir);
+        assert_eq!(offset_of!(Stats, marks), c::OFF_ps_stats_marks);
+        assert_eq!(offset_of!(Stats, adjusts), c::OFF_ps_stats_adjusts);
+    }
+}

@@ -1,0 +1,189 @@
+//! cgroup v2: where the hierarchy is mounted, how a user's path names a cgroup, and its id.
+//! Never assumes /sys/fs/cgroup: hybrid hosts mount v2 elsewhere (e.g. /sys/fs/cgroup/unified).
+use std::{
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use crate::Error;
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Returns the mount point of the cgroup v2 hierarchy, read from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> Result<PathBuf, Error> {
+    let info = fs::read_to_string("/proc/self/mountinfo").map_err(|source| Error::Io {
+        what: "read /proc/self/mountinfo".into(),
+        source,
+    })?;
+    parse_cgroup2_mount(&info).ok_or(Error::NoCgroup2)
+}
+
+/// Finds the first cgroup2 mount point in the text of a mountinfo file.
+pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> ..."
+        let (pre, post) = line.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mount = pre.split_whitespace().nth(4)?;
+        Some(PathBuf::from(unescape_octal(mount)))
+    })
+}
+
+// mountinfo escapes space, tab, newline and backslash as \ooo.
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A cgroup v2 directory, resolved and checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupDir {
+    /// Absolute path of the directory.
+    pub path: PathBuf,
+    /// The kernel's cgroup id: the directory's inode number on cgroup2.
+    pub id: u64,
+}
+
+/// Resolves what a user wrote (`/sys/fs/cgroup/unified/x`, `/x` or `x`) to a cgroup v2
+/// directory: a path inside the cgroup2 mount is taken as is, anything else is relative to it.
+pub fn resolve(user: &Path, mount: &Path) -> Result<CgroupDir, Error> {
+    let path = if user.starts_with(mount) {
+        user.to_path_buf()
+    } else {
+        mount.join(user.strip_prefix("/").unwrap_or(user))
+    };
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(Error::NotACgroup {
+            path,
+            why: "'..' is not allowed".into(),
+        });
+    }
+    let meta = fs::metadata(&path).map_err(|e| Error::NotACgroup {
+        path: path.clone(),
+        why: e.to_string(),
+    })?;
+    if !meta.is_dir() {
+        return Err(Error::NotACgroup {
+            path,
+            why: "not a directory".into(),
+        });
+    }
+    if !is_cgroup2(&path) {
+        return Err(Error::NotACgroup {
+            path,
+            why: "not on a cgroup2 file system".into(),
+        });
+    }
+    Ok(CgroupDir {
+        id: meta.ino(),
+        path,
+    })
+}
+
+/// Whether `path` lies on a cgroup2 file system.
+pub fn is_cgroup2(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct; c is a valid NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC
+}
+
+/// Walks the hierarchy under `mount` and returns the paths of the cgroups whose ids are in
+/// `ids` (used once at start-up to name adopted cgroups). Stops when all are found.
+pub fn find_by_ids(mount: &Path, ids: &[u64]) -> Vec<(u64, PathBuf)> {
+    let mut found = Vec::new();
+    let mut stack = vec![mount.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if found.len() == ids.len() {
+            break;
+        }
+        let Ok(meta) = fs::metadata(&dir) else {
+            continue;
+        };
+        if ids.contains(&meta.ino()) {
+            found.push((meta.ino(), dir.clone()));
+        }
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(e.path());
+            }
+        }
+    }
+    found
+}
+
+/// Whether a cgroup with this id still exists (by walking is too slow for GC, so the daemon
+/// checks the remembered path's inode instead).
+pub fn exists(path: &Path, id: u64) -> bool {
+    fs::metadata(path).map(|m| m.ino() == id).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_hybrid_mount() {
+        let info = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                    40 31 0:37 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n\
+                    41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn finds_unified_mount_with_optional_fields_and_escapes() {
+        let info = "29 23 0:26 / /sys/fs/cgroup rw shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            parse_cgroup2_mount(info),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        let info = "29 23 0:26 / /mnt/my\\040cg rw - cgroup2 none rw\n";
+        assert_eq!(parse_cgroup2_mount(info), Some(PathBuf::from("/mnt/my cg")));
+    }
+
+    #[test]
+    fn no_cgroup2_mount() {
+        let info = "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(parse_cgroup2_mount(info), None);
+    }
+
+    #[test]
+    fn rejects_missing_and_non_cgroup_paths() {
+        let tmp = std::env::temp_dir();
+        let err = resolve(Path::new("/definitely/not/here"), &tmp).unwrap_err();
+        assert!(err.to_string().contains("not/here"), "{err}");
+        let err = resolve(Path::new("a/../b"), &tmp).unwrap_err();
+        assert!(err.to_string().contains(".."), "{err}");
+        // A plain directory outside cgroup2 is refused.
+        let err = resolve(&tmp, &tmp).unwrap_err();
+        assert!(err.to_string().contains("cgroup2"), "{err}");
+    }
+}

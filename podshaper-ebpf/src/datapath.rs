@@ -1,0 +1,339 @@
+//! The loaded datapath: the BPF programs, the pinned maps and the per-cgroup links.
+//! The daemon owns one `Datapath`; tests load their own against a private bpffs root.
+use std::{
+    fs::{self, File},
+    os::fd::AsFd,
+    path::Path,
+};
+
+use aya::{
+    maps::MapData,
+    programs::{links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps},
+    Ebpf, EbpfLoader,
+};
+use tracing::{debug, instrument};
+
+use crate::{
+    abi::{self, Cgroup, Config, Stats},
+    cgroup::CgroupDir,
+    pins::{self, Pins},
+    sys, Error,
+};
+
+static SOCK_OPS_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_ops.bpf.o"));
+static CGROUP_SKB_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cgroup_skb.bpf.o"));
+
+/// Limits of one cgroup in bits per second of L3 traffic; `None` is no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub egress: Option<u64>,
+    pub ingress: Option<u64>,
+}
+
+impl Limits {
+    /// Whether neither direction is limited.
+    pub fn is_none(&self) -> bool {
+        self.egress.is_none() && self.ingress.is_none()
+    }
+
+    fn from_config(c: &Config) -> Self {
+        let opt = |v: u64| (v != 0).then_some(v);
+        Self {
+            egress: opt(c.rate[abi::EGRESS]),
+            ingress: opt(c.rate[abi::INGRESS]),
+        }
+    }
+}
+
+/// What the datapath knows of one limited cgroup.
+#[derive(Clone, Debug)]
+pub struct CgroupState {
+    pub id: u64,
+    pub limits: Limits,
+    pub generation: u32,
+    /// Counters summed over CPUs.
+    pub stats: Stats,
+    /// Controller state: per-flow share (L3 bytes/s) and active flows, per direction.
+    pub share: [u64; 2],
+    pub flows: [u32; 2],
+}
+
+/// The loaded programs and pinned maps.
+pub struct Datapath {
+    pins: Pins,
+    sock_ops: Ebpf,
+    cgroup_skb: Ebpf,
+    cgroups: MapData,
+    stats: MapData,
+    ncpus: usize,
+}
+
+impl Datapath {
+    /// Loads the programs, creating or adopting the pinned maps under `pins`.
+    ///
+    /// Minimum kernel version: 5.10 (cgroup bpf_link 5.7, shared cgroup storage 5.9, TCP
+    /// header-option callbacks 5.10).
+    pub fn load(pins: Pins) -> Result<Self, Error> {
+        check_kernel()?;
+        pins.prepare()?;
+        let maps_dir = pins.maps();
+        let load = |obj: &'static str, bytes: &[u8]| {
+            EbpfLoader::new()
+                .default_map_pin_directory(&maps_dir)
+                .load(bytes)
+                .map_err(|source| Error::Load {
+                    object: obj,
+                    source: Box::new(source),
+                })
+        };
+        let mut sock_ops = load("sock_ops.bpf.o", SOCK_OPS_OBJ)?;
+        let mut cgroup_skb = load("cgroup_skb.bpf.o", CGROUP_SKB_OBJ)?;
+        program::<SockOps>(&mut sock_ops, "ps_sockops")?
+            .load()
+            .map_err(|e| prog_err("load ps_sockops", e))?;
+        for name in ["ps_egress", "ps_ingress"] {
+            program::<CgroupSkb>(&mut cgroup_skb, name)?
+                .load()
+                .map_err(|e| prog_err(&format!("load {name}"), e))?;
+        }
+        let open = |name: &str| {
+            let path = maps_dir.join(name);
+            MapData::from_pin(&path).map_err(|e| Error::Map {
+                what: format!("open pinned map {}", path.display()),
+                source: std::io::Error::other(e.to_string()),
+            })
+        };
+        let cgroups = open("ps_cgroups")?;
+        let stats = open("ps_stats")?;
+        let ncpus = aya::util::nr_cpus().map_err(|(what, source)| Error::Io {
+            what: format!("read {what}"),
+            source,
+        })?;
+        Ok(Self {
+            pins,
+            sock_ops,
+            cgroup_skb,
+            cgroups,
+            stats,
+            ncpus,
+        })
+    }
+
+    /// The pinned-state tree this datapath uses.
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    /// Sets the limits of a cgroup, attaching the programs first if it has none. Applies live:
+    /// established flows pick up the new share on their next ACK.
+    #[instrument(skip_all, fields(cgroup = %cg.path.display()))]
+    pub fn set(&mut self, cg: &CgroupDir, limits: Limits) -> Result<(), Error> {
+        if limits.is_none() {
+            return self.remove(cg.id);
+        }
+        let dir = self.pins.cgroup_links(cg.id);
+        if !dir.exists() {
+            self.attach(cg, &dir)?;
+        }
+        let mut value = self.read_cgroup(cg.id)?;
+        value.config.rate = [limits.egress.unwrap_or(0), limits.ingress.unwrap_or(0)];
+        value.config.generation = value.config.generation.wrapping_add(1);
+        sys::update(
+            self.cgroups.fd().as_fd(),
+            cg.id,
+            sys::as_bytes(&value),
+            sys::BPF_F_LOCK | sys::BPF_EXIST,
+        )
+        .map_err(|source| Error::Map {
+            what: format!("write limits of cgroup {}", cg.id),
+            source,
+        })?;
+        debug!(
+            ?limits,
+            generation = value.config.generation,
+            "limits written"
+        );
+        Ok(())
+    }
+
+    // Attaches the three programs with links pinned in a staging directory, renamed into
+    // place once complete: a crash never leaves a half-attached cgroup behind a final name
+    // (Pins::prepare removes stale staging directories).
+    fn attach(&mut self, cg: &CgroupDir, dir: &Path) -> Result<(), Error> {
+        let tmp = self.pins.staging(cg.id);
+        pins::remove_tree(&tmp)?;
+        fs::create_dir(&tmp).map_err(|source| Error::Io {
+            what: format!("create {}", tmp.display()),
+            source,
+        })?;
+        let result = self.attach_into(cg, &tmp).and_then(|()| {
+            fs::rename(&tmp, dir).map_err(|source| Error::Io {
+                what: format!("rename {} to {}", tmp.display(), dir.display()),
+                source,
+            })
+        });
+        if result.is_err() {
+            // Unpinning the links detaches whatever was attached.
+            let _ = pins::remove_tree(&tmp);
+        }
+        result
+    }
+
+    fn attach_into(&mut self, cg: &CgroupDir, tmp: &Path) -> Result<(), Error> {
+        let file = File::open(&cg.path).map_err(|source| Error::Io {
+            what: format!("open {}", cg.path.display()),
+            source,
+        })?;
+        // bpf_link attaches are always multi: other owners' programs stay (aya maps the mode
+        // to flags that BPF_LINK_CREATE rejects unless it is Single).
+        let mode = CgroupAttachMode::Single;
+        let ctx = |what: &str| format!("attach {what} to {}", cg.path.display());
+        let p = program::<SockOps>(&mut self.sock_ops, "ps_sockops")?;
+        let id = p
+            .attach(file.as_fd(), mode)
+            .map_err(|e| prog_err(&ctx("sockops"), e))?;
+        let link: FdLink = p
+            .take_link(id)
+            .map_err(|e| prog_err(&ctx("sockops"), e))?
+            .try_into()
+            .map_err(|e| Error::Link {
+                what: ctx("sockops"),
+                source: Box::new(e),
+            })?;
+        pin(link, &tmp.join("sockops"))?;
+        for (name, kind, pin_name) in [
+            ("ps_egress", CgroupSkbAttachType::Egress, "egress"),
+            ("ps_ingress", CgroupSkbAttachType::Ingress, "ingress"),
+        ] {
+            let p = program::<CgroupSkb>(&mut self.cgroup_skb, name)?;
+            let id = p
+                .attach(file.as_fd(), kind, mode)
+                .map_err(|e| prog_err(&ctx(pin_name), e))?;
+            let link: FdLink = p
+                .take_link(id)
+                .map_err(|e| prog_err(&ctx(pin_name), e))?
+                .try_into()
+                .map_err(|e| Error::Link {
+                    what: ctx(pin_name),
+                    source: Box::new(e),
+                })?;
+            pin(link, &tmp.join(pin_name))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches everything podshaper attached to a cgroup (a no-op if nothing is).
+    #[instrument(skip(self))]
+    pub fn remove(&mut self, id: u64) -> Result<(), Error> {
+        pins::remove_tree(&self.pins.cgroup_links(id))
+    }
+
+    /// Ids of the cgroups with pinned links.
+    pub fn limited(&self) -> Result<Vec<u64>, Error> {
+        self.pins.pinned_cgroups()
+    }
+
+    /// Reads config, state and counters of a limited cgroup. `Ok(None)` when its links are
+    /// pinned but the kernel has no storage for it: the cgroup was removed.
+    pub fn state(&self, id: u64) -> Result<Option<CgroupState>, Error> {
+        let value = match self.read_cgroup(id) {
+            Ok(v) => v,
+            Err(Error::Map { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let stride = std::mem::size_of::<Stats>().div_ceil(8) * 8;
+        let mut buf = vec![0u8; stride * self.ncpus];
+        let mut stats = Stats::default();
+        if sys::lookup(self.stats.fd().as_fd(), id, &mut buf, 0).is_ok() {
+            for cpu in buf.chunks_exact(stride) {
+                stats.add(&sys::from_bytes::<Stats>(cpu));
+            }
+        }
+        Ok(Some(CgroupState {
+            id,
+            limits: Limits::from_config(&value.config),
+            generation: value.config.generation,
+            stats,
+            share: [value.dir[0].share, value.dir[1].share],
+            flows: [
+                value.dir[0].flows_prev.max(value.dir[0].flows_cur),
+                value.dir[1].flows_prev.max(value.dir[1].flows_cur),
+            ],
+        }))
+    }
+
+    fn read_cgroup(&self, id: u64) -> Result<Cgroup, Error> {
+        let mut buf = vec![0u8; std::mem::size_of::<Cgroup>()];
+        sys::lookup(self.cgroups.fd().as_fd(), id, &mut buf, sys::BPF_F_LOCK).map_err(
+            |source| Error::Map {
+                what: format!("read state of cgroup {id}"),
+                source,
+            },
+        )?;
+        Ok(sys::from_bytes(&buf))
+    }
+
+    /// Unpins the links of cgroups that no longer exist; returns their ids.
+    pub fn collect_garbage(&mut self) -> Result<Vec<u64>, Error> {
+        let mut gone = Vec::new();
+        for id in self.limited()? {
+            if self.state(id)?.is_none() {
+                self.remove(id)?;
+                gone.push(id);
+            }
+        }
+        Ok(gone)
+    }
+}
+
+fn program<'a, T>(obj: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = obj
+        .program_mut(name)
+        .ok_or_else(|| Error::MissingProgram(name.to_string()))?;
+    p.try_into()
+        .map_err(|e| prog_err(&format!("use program {name}"), e))
+}
+
+fn prog_err(what: &str, source: aya::programs::ProgramError) -> Error {
+    Error::Program {
+        what: what.to_string(),
+        source: Box::new(source),
+    }
+}
+
+fn pin(link: FdLink, path: &Path) -> Result<(), Error> {
+    link.pin(path).map(drop).map_err(|e| Error::Io {
+        what: format!("pin link at {}", path.display()),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// Removes every pin of every ABI version under `root`: what an uninstall runs. Links go
+/// first, so programs detach before their maps are unpinned.
+pub fn reset(root: &Path) -> Result<(), Error> {
+    let pins = Pins::new(root);
+    if let Ok(rd) = fs::read_dir(root) {
+        for e in rd.flatten() {
+            pins::remove_tree(&e.path().join("links"))?;
+        }
+    }
+    pins::remove_tree(pins.root())
+}
+
+fn check_kernel() -> Result<(), Error> {
+    let v = aya::util::KernelVersion::current()
+        .map_err(|e| Error::Kernel(format!("read kernel version: {e}")))?;
+    if v < aya::util::KernelVersion::new(5, 10, 0) {
+        return Err(Error::Kernel(format!(
+            "kernel {v:?} is too old: podshaper needs Linux 5.10 or newer (cgroup bpf_link, shared cgroup storage, TCP header-option callbacks)"
+        )));
+    }
+    Ok(())
+}

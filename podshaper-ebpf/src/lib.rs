@@ -1,0 +1,66 @@
+//! The podshaper datapath, the only crate that touches BPF: the programs (bpf/*.bpf.c), their
+//! loader, the pinned state under bpffs and the typed view of the maps. Callers (the daemon,
+//! tests) speak in cgroups and limits; nothing outside this crate sees a map or a file
+//! descriptor.
+pub mod abi;
+pub mod cgroup;
+mod datapath;
+pub mod pins;
+mod sys;
+
+pub use datapath::{reset, CgroupState, Datapath, Limits};
+
+/// Errors of the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no cgroup v2 hierarchy is mounted (none in /proc/self/mountinfo): podshaper needs cgroup v2")]
+    NoCgroup2,
+    #[error("{}: not a cgroup v2 directory: {why}", path.display())]
+    NotACgroup {
+        path: std::path::PathBuf,
+        why: String,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Map {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "pinned state at {} has ABI version {found}, this podshaper speaks {ours}: run the matching podshaper's `reset`, or `podshaper reset` to drop all limits",
+        path.display()
+    )]
+    ForeignPins {
+        path: std::path::PathBuf,
+        found: u32,
+        ours: u32,
+    },
+    #[error("load BPF object {object}: {source}")]
+    Load {
+        object: &'static str,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("{what}: {source}")]
+    Link {
+        what: String,
+        #[source]
+        source: Box<aya::programs::links::LinkError>,
+    },
+    #[error("BPF object has no program {0}")]
+    MissingProgram(String),
+    #[error("{0}")]
+    Kernel(String),
+}

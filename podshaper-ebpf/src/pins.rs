@@ -1,0 +1,180 @@
+//! Every bpffs path podshaper uses, in one place. Layout under the root (default
+//! /sys/fs/bpf/podshaper):
+//!
+//! ```text
+//! v1/maps/{ps_cgroups,ps_stats,ps_flows}      maps, pinned by name by the loader
+//! v1/links/<cgroup id>/{sockops,egress,ingress} one bpf_link per hook per limited cgroup
+//! ```
+//!
+//! `v1` is the ABI version: a daemon adopts pins of its own version and refuses others.
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use crate::{abi::ABI_VERSION, Error};
+
+/// Default bpffs directory of podshaper.
+pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/podshaper";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The hooks attached to every limited cgroup, by pin name.
+pub const LINKS: [&str; 3] = ["sockops", "egress", "ingress"];
+
+/// Paths of one pinned-state tree.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    root: PathBuf,
+}
+
+impl Pins {
+    /// Pins rooted at `root` (a directory on bpffs, created on demand).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory of this ABI version's state.
+    pub fn versioned(&self) -> PathBuf {
+        self.root.join(format!("v{ABI_VERSION}"))
+    }
+
+    /// Directory of the pinned maps.
+    pub fn maps(&self) -> PathBuf {
+        self.versioned().join("maps")
+    }
+
+    /// Directory holding one sub-directory of links per limited cgroup.
+    pub fn links(&self) -> PathBuf {
+        self.versioned().join("links")
+    }
+
+    /// Directory of one cgroup's links.
+    pub fn cgroup_links(&self, id: u64) -> PathBuf {
+        self.links().join(id.to_string())
+    }
+
+    /// Staging directory for a cgroup's links while they are attached (bpffs refuses names
+    /// with a dot, hence no dot-file).
+    pub fn staging(&self, id: u64) -> PathBuf {
+        self.links().join(format!("new-{id}"))
+    }
+
+    /// Makes sure bpffs is mounted at the root's file system and the directories exist;
+    /// refuses state pinned by another ABI version.
+    pub fn prepare(&self) -> Result<(), Error> {
+        let bpffs = self.root.parent().unwrap_or(Path::new("/sys/fs/bpf"));
+        ensure_bpffs(bpffs)?;
+        mkdir(&self.root)?;
+        for e in fs::read_dir(&self.root).map_err(|source| io_err("read", &self.root, source))? {
+            let e = e.map_err(|source| io_err("read", &self.root, source))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(v) = name.strip_prefix('v').and_then(|v| v.parse::<u32>().ok()) {
+                if v != ABI_VERSION {
+                    // Migration from an older layout goes here when there is one.
+                    return Err(Error::ForeignPins {
+                        path: e.path(),
+                        found: v,
+                        ours: ABI_VERSION,
+                    });
+                }
+            }
+        }
+        mkdir(&self.maps())?;
+        mkdir(&self.links())?;
+        // Links staged by a daemon that died mid-attach: unpinning them detaches them.
+        let links = self.links();
+        for e in fs::read_dir(&links)
+            .map_err(|source| io_err("read", &links, source))?
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with("new-") {
+                remove_tree(&e.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ids of the cgroups that have pinned links.
+    pub fn pinned_cgroups(&self) -> Result<Vec<u64>, Error> {
+        let dir = self.links();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(io_err("read", &dir, source)),
+        };
+        let mut ids: Vec<u64> = rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+}
+
+fn io_err(verb: &str, path: &Path, source: io::Error) -> Error {
+    Error::Io {
+        what: format!("{verb} {}", path.display()),
+        source,
+    }
+}
+
+fn mkdir(path: &Path) -> Result<(), Error> {
+    fs::create_dir_all(path).map_err(|source| io_err("create", path, source))
+}
+
+/// Whether `path` is on bpffs.
+pub fn is_bpffs(path: &Path) -> bool {
+    statfs_type(path) == Some(BPF_FS_MAGIC)
+}
+
+fn statfs_type(path: &Path) -> Option<i64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statfs fills the zeroed struct; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_type as i64)
+}
+
+/// Mounts bpffs at `dir` unless a bpffs is already there.
+pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
+    if is_bpffs(dir) {
+        return Ok(());
+    }
+    mkdir(dir)?;
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| Error::Io {
+        what: format!("mount bpffs at {}", dir.display()),
+        source: io::ErrorKind::InvalidInput.into(),
+    })?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io_err("mount bpffs at", dir, io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Removes a pinned-state tree: links first (detaching them), then maps and directories.
+pub fn remove_tree(path: &Path) -> Result<(), Error> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(io_err("remove", path, source)),
+    }
+}

@@ -1,0 +1,84 @@
+//! Raw map element syscalls for the cgroup storage maps. aya 0.14 only speaks the isolated
+//! `{cgroup id, attach type}` key; podshaper uses the shared `u64` key (one value per cgroup for
+//! all attach types, kernel 5.9), so these few calls are made directly.
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+/// Copy the value under its `bpf_spin_lock`, skipping the lock itself.
+pub(crate) const BPF_F_LOCK: u64 = 4;
+/// Update only an existing element (cgroup storage cannot be created from user space).
+pub(crate) const BPF_EXIST: u64 = 2;
+
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn elem_op(
+    cmd: libc::c_long,
+    fd: BorrowedFd<'_>,
+    key: &u64,
+    value: *mut u8,
+    flags: u64,
+) -> io::Result<()> {
+    let attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const u64 as u64,
+        value: value as u64,
+        flags,
+    };
+    // SAFETY: attr points to valid memory for the call; key and value outlive it and the
+    // caller sized `value` for the map (checked against the map's value size by the callers).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads the value of `key` into `out`.
+pub(crate) fn lookup(fd: BorrowedFd<'_>, key: u64, out: &mut [u8], flags: u64) -> io::Result<()> {
+    elem_op(BPF_MAP_LOOKUP_ELEM, fd, &key, out.as_mut_ptr(), flags)
+}
+
+/// Writes `value` at `key`.
+pub(crate) fn update(fd: BorrowedFd<'_>, key: u64, value: &[u8], flags: u64) -> io::Result<()> {
+    elem_op(
+        BPF_MAP_UPDATE_ELEM,
+        fd,
+        &key,
+        value.as_ptr() as *mut u8,
+        flags,
+    )
+}
+
+/// Views a plain-old-data value as bytes.
+pub(crate) fn as_bytes<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: T is a #[repr(C)] POD of integers (only the abi types are passed here).
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
+}
+
+/// Reads a plain-old-data value from the start of `bytes`, which must be at least its size.
+pub(crate) fn from_bytes<T: Copy + Default>(bytes: &[u8]) -> T {
+    let mut v = T::default();
+    let n = std::mem::size_of::<T>().min(bytes.len());
+    // SAFETY: T is a #[repr(C)] POD of integers: every bit pattern is valid; n is in bounds.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), &mut v as *mut T as *mut u8, n) };
+    v
+}

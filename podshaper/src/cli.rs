@@ -1,0 +1,269 @@
+//! Command-line interface. Every subcommand but `daemon`, `demo` and `reset` (when no daemon
+//! runs) is a request to the daemon over its Unix socket.
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use podshaper_api::{
+    proto::{CgroupStatus, Change, Request, Response, DEFAULT_SOCKET},
+    Rate,
+};
+use podshaper_ebpf::pins::DEFAULT_ROOT;
+use tracing_subscriber::EnvFilter;
+
+/// Limit the bandwidth of cgroups (pods, containers, systemd services) with eBPF.
+///
+/// Rates count L3 bytes (IP header and payload) as bits per second, from the point of view of
+/// the processes in the cgroup: egress is what they send, ingress what they receive.
+#[derive(Parser, Debug)]
+#[command(name = "podshaper", version, propagate_version = true)]
+pub struct Cli {
+    /// The daemon's Unix socket.
+    #[arg(long, global = true, env = "PODSHAPER_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node daemon in the foreground (root). It loads the BPF programs, adopts limits
+    /// pinned by an earlier run and serves the local API.
+    Daemon {
+        /// bpffs directory for podshaper's pinned programs, maps and links.
+        #[arg(long, env = "PODSHAPER_BPFFS", default_value = DEFAULT_ROOT)]
+        bpffs: PathBuf,
+    },
+    /// Set or change the limits of a cgroup v2 directory and everything below it. Applies
+    /// live; a direction not given keeps its limit, `none` removes it.
+    Limit {
+        /// The cgroup: a path in the cgroup v2 mount, or relative to it.
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// Egress limit: a Kubernetes quantity (10M, 1.5G) or tc-style (10mbit); `none`.
+        #[arg(long, value_parser = parse_change)]
+        egress: Option<Change>,
+        /// Ingress limit, same forms as --egress.
+        #[arg(long, value_parser = parse_change)]
+        ingress: Option<Change>,
+    },
+    /// Remove every limit, program and map entry of a cgroup.
+    Unlimit {
+        #[arg(long)]
+        cgroup: PathBuf,
+    },
+    /// Show limited cgroups: limits, current rates, bytes, drops and marks.
+    Status {
+        /// Only this cgroup.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every limit and all pinned state (what an uninstall runs). Works without a
+    /// running daemon.
+    Reset {
+        #[arg(long, env = "PODSHAPER_BPFFS", default_value = DEFAULT_ROOT)]
+        bpffs: PathBuf,
+    },
+    /// Show the shaper at work on this machine: two "pods" in network namespaces and cgroups,
+    /// traffic unlimited, limited both ways, then a live change. Needs root and iperf3.
+    Demo(crate::demo::Args),
+}
+
+fn parse_change(s: &str) -> Result<Change, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "none" | "unlimited" => Ok(Change::Unlimited),
+        _ => Rate::parse_cli(s)
+            .map(Change::Set)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Parses the command line, runs it and maps errors to a message and exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    match cli.command {
+        Command::Daemon { bpffs } => {
+            rt.block_on(podshaper_daemon::run(podshaper_daemon::Options {
+                socket: cli.socket,
+                bpffs_root: bpffs,
+            }))?;
+        }
+        Command::Limit {
+            cgroup,
+            egress,
+            ingress,
+        } => {
+            if egress.is_none() && ingress.is_none() {
+                bail!("give --egress and/or --ingress (a rate such as 10M, or none)");
+            }
+            let req = Request::Limit {
+                cgroup,
+                egress: egress.unwrap_or_default(),
+                ingress: ingress.unwrap_or_default(),
+            };
+            if let Response::Ok { status: Some(s) } = rt.block_on(ask(&cli.socket, &req))? {
+                print_table(&[s]);
+            }
+        }
+        Command::Unlimit { cgroup } => {
+            rt.block_on(ask(&cli.socket, &Request::Unlimit { cgroup }))?;
+        }
+        Command::Status { cgroup, json } => {
+            if let Response::Status { cgroups } =
+                rt.block_on(ask(&cli.socket, &Request::Status { cgroup }))?
+            {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&cgroups)?);
+                } else {
+                    print_table(&cgroups);
+                }
+            }
+        }
+        Command::Reset { bpffs } => {
+            match rt.block_on(podshaper_daemon::call(&cli.socket, &Request::Reset)) {
+                Ok(resp) => {
+                    check(resp)?;
+                }
+                // No daemon holds the programs: removing the pins detaches everything.
+                Err(_) => podshaper_ebpf::reset(&bpffs)
+                    .with_context(|| format!("reset {}", bpffs.display()))?,
+            }
+        }
+        Command::Demo(args) => crate::demo::run(args)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn ask(socket: &std::path::Path, req: &Request) -> Result<Response> {
+    let resp = podshaper_daemon::call(socket, req).await.with_context(|| {
+        format!(
+            "cannot reach the podshaper daemon at {}: is it running? (start it with `podshaper daemon` as root)",
+            socket.display()
+        )
+    })?;
+    check(resp)
+}
+
+fn check(resp: Response) -> Result<Response> {
+    match resp {
+        Response::Error { message } => bail!("{message}"),
+        other => Ok(other),
+    }
+}
+
+/// Formats bits per second like the limits are written: 9.87M.
+pub fn human_bps(bps: u64) -> String {
+    let b = bps as f64;
+    for (div, unit) in [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")] {
+        if b >= div {
+            return format!("{:.3}{unit}", b / div).replace(".000", "");
+        }
+    }
+    format!("{bps}")
+}
+
+fn print_table(rows: &[CgroupStatus]) {
+    let lim = |r: &Option<Rate>| r.map(|r| r.to_string()).unwrap_or_else(|| "-".into());
+    println!(
+        "{:<44} {:>9} {:>10} {:>9} {:>10} {:>12} {:>12} {:>11} {:>11}",
+        "CGROUP",
+        "EGRESS",
+        "EG-RATE",
+        "INGRESS",
+        "IN-RATE",
+        "EG-BYTES",
+        "IN-BYTES",
+        "DROPS(E/I)",
+        "MARKS(E/I)"
+    );
+    for r in rows {
+        println!(
+            "{:<44} {:>9} {:>10} {:>9} {:>10} {:>12} {:>12} {:>11} {:>11}",
+            r.cgroup.display(),
+            lim(&r.egress.limit),
+            human_bps(r.egress.rate_bps),
+            lim(&r.ingress.limit),
+            human_bps(r.ingress.rate_bps),
+            r.egress.bytes,
+            r.ingress.bytes,
+            format!("{}/{}", r.egress.drops, r.ingress.drops),
+            format!("{}/{}", r.egress.marks, r.ingress.marks),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn limit_parses_rates_and_none() {
+        let cli = Cli::try_parse_from([
+            "podshaper",
+            "limit",
+            "--cgroup",
+            "/x",
+            "--egress",
+            "10mbit",
+            "--ingress",
+            "none",
+        ])
+        .unwrap();
+        let Command::Limit {
+            egress, ingress, ..
+        } = cli.command
+        else {
+            panic!("not limit")
+        };
+        assert_eq!(
+            egress,
+            Some(Change::Set(Rate::from_bps(10_000_000).unwrap()))
+        );
+        assert_eq!(ingress, Some(Change::Unlimited));
+    }
+
+    #[test]
+    fn bad_rate_is_refused_with_what_is_accepted() {
+        let err =
+            Cli::try_parse_from(["podshaper", "limit", "--cgroup", "/x", "--egress", "10Zbit"])
+                .unwrap_err();
+        assert!(
+            err.to_string().contains("expected bits per second"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn human_rates() {
+        assert_eq!(human_bps(10_000_000), "10M");
+        assert_eq!(human_bps(9_870_000), "9.870M");
+        assert_eq!(human_bps(999), "999");
+    }
+}

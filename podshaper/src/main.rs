@@ -1,0 +1,4 @@
+//! The podshaper binary: see `podshaper --help`.
+fn main() -> std::process::ExitCode {
+    podshaper::cli::main()
+}
