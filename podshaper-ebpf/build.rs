@@ -33,9 +33,7 @@ fn main() -> Result<()> {
         let src = format!("bpf/{name}.bpf.c");
         println!("cargo:rerun-if-changed={src}");
         run(Command::new(&clang)
-            .args([
-                "-O2", "-g", "-target", "bpf", "-Wall", "-Werror", &multiarch,
-            ])
+            .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror", &multiarch])
             .arg("-c")
             .arg(&src)
             .arg("-o")

@@ -3,7 +3,7 @@
 # Idempotent: only missing packages are installed; `apt-get update` runs at most once.
 set -euo pipefail
 
-pkgs=(clang llvm libbpf-dev linux-libc-dev iproute2 iperf3 bpftool containernetworking-plugins pkg-config)
+pkgs=(clang clang-format llvm libbpf-dev linux-libc-dev iproute2 iperf3 bpftool containernetworking-plugins pkg-config)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

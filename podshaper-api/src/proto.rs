@@ -111,10 +111,9 @@ mod tests {
 
     #[test]
     fn malformed_requests_are_refused() {
-        assert!(serde_json::from_str::<Request>(
-            r#"{"op":"limit","cgroup":"/x","egress":{"set":5}}"#
-        )
-        .is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"op":"limit","cgroup":"/x","egress":{"set":5}}"#).is_err()
+        );
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
         let r: Request = serde_json::from_str(r#"{"op":"limit","cgroup":"/x"}"#).unwrap();
         assert_eq!(

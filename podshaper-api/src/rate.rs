@@ -45,14 +45,10 @@ impl Rate {
 
     fn bounded(bps: u64, input: &str) -> Result<Self, RateError> {
         if bps < MIN_BPS {
-            return Err(RateError::TooSmall {
-                input: input.into(),
-            });
+            return Err(RateError::TooSmall { input: input.into() });
         }
         if bps > MAX_BPS {
-            return Err(RateError::TooLarge {
-                input: input.into(),
-            });
+            return Err(RateError::TooLarge { input: input.into() });
         }
         Ok(Self(bps))
     }
@@ -77,9 +73,7 @@ impl Rate {
 
     fn bounded_f(bps: f64, input: &str) -> Result<Self, RateError> {
         if !bps.is_finite() || bps > MAX_BPS as f64 {
-            return Err(RateError::TooLarge {
-                input: input.into(),
-            });
+            return Err(RateError::TooLarge { input: input.into() });
         }
         // Quantities round up to whole units, as resource.Quantity.Value() does.
         Self::bounded(bps.ceil() as u64, input)
@@ -240,10 +234,7 @@ mod tests {
                 "{bad}: {err}"
             );
             if let RateError::Invalid { .. } = err {
-                assert!(
-                    err.to_string().contains("expected bits per second"),
-                    "{err}"
-                );
+                assert!(err.to_string().contains("expected bits per second"), "{err}");
             }
         }
         assert!(matches!(
@@ -263,8 +254,8 @@ mod tests {
     #[test]
     fn displays_shortest_exact_quantity() {
         assert_eq!(
-            q("10M").to_string(),
-            Rate::parse_cli("10mbit").unwrap().to_string()
+            Rate::parse_quantity("10M").unwrap(),
+            Rate::parse_cli("10mbit").unwrap()
         );
         assert_eq!(Rate::from_bps(10_000_000).unwrap().to_string(), "10M");
         assert_eq!(Rate::from_bps(1_500_000).unwrap().to_string(), "1500k");

@@ -61,8 +61,7 @@ async fn bind(path: &Path) -> Result<UnixListener, Error> {
         if UnixStream::connect(path).await.is_ok() {
             return Err(Error::AlreadyRunning(path.to_path_buf()));
         }
-        std::fs::remove_file(path)
-            .map_err(io(format!("remove stale socket {}", path.display())))?;
+        std::fs::remove_file(path).map_err(io(format!("remove stale socket {}", path.display())))?;
     }
     let listener = UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -122,10 +121,7 @@ pub async fn call(socket: &Path, req: &Request) -> std::io::Result<Response> {
     wr.write_all(line.as_bytes()).await?;
     let mut lines = BufReader::new(rd).lines();
     let resp = lines.next_line().await?.ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "daemon closed the connection",
-        )
+        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "daemon closed the connection")
     })?;
     serde_json::from_str(&resp).map_err(std::io::Error::other)
 }

@@ -1,5 +1,5 @@
-//! The daemon's state: the datapath plus what it cannot keep itself (cgroup paths and the
-//! last rate sample). Every request maps to one method here; the socket layer only parses.
+//! The daemon's state: the datapath plus what it cannot keep itself (the last rate sample of
+//! each cgroup). Every request maps to one method here; the socket layer only parses.
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -26,11 +26,11 @@ struct Sample {
     rate_bps: [u64; 2],
 }
 
-/// The datapath and the daemon's memory of the cgroups it limits.
+/// The datapath and the last rate sample of each limited cgroup. Cgroup paths are not kept:
+/// they are read back from the kernel by id, so they stay right across renames and restarts.
 pub struct State {
     datapath: Datapath,
     mount: PathBuf,
-    paths: HashMap<u64, PathBuf>,
     samples: HashMap<u64, Sample>,
 }
 
@@ -40,17 +40,15 @@ impl State {
     pub fn open(root: &Path) -> Result<Self, Error> {
         let mount = cgroup::cgroup2_mount()?;
         let mut datapath = Datapath::load(Pins::new(root))?;
-        let gone = datapath.collect_garbage()?;
+        let gone = datapath.collect_garbage(&mount)?;
         if !gone.is_empty() {
             info!(count = gone.len(), "removed state of cgroups that are gone");
         }
-        let ids = datapath.limited()?;
-        let paths: HashMap<u64, PathBuf> = cgroup::find_by_ids(&mount, &ids).into_iter().collect();
-        info!(adopted = ids.len(), root = %root.display(), cgroup2 = %mount.display(), "datapath ready");
+        let adopted = datapath.limited()?.len();
+        info!(adopted, root = %root.display(), cgroup2 = %mount.display(), "datapath ready");
         Ok(Self {
             datapath,
             mount,
-            paths,
             samples: HashMap::new(),
         })
     }
@@ -79,11 +77,7 @@ impl State {
     #[instrument(skip_all, fields(cgroup = %user.display()))]
     fn limit(&mut self, user: &Path, egress: Change, ingress: Change) -> Result<Response, Error> {
         let cg = self.resolve(user)?;
-        let current = self
-            .datapath
-            .state(cg.id)?
-            .map(|s| s.limits)
-            .unwrap_or_default();
+        let current = self.datapath.state(cg.id)?.map(|s| s.limits).unwrap_or_default();
         let apply = |c: Change, cur: Option<u64>| match c {
             Change::Keep => cur,
             Change::Unlimited => None,
@@ -95,9 +89,7 @@ impl State {
         };
         self.datapath.set(&cg, limits)?;
         if limits.is_none() {
-            self.forget(cg.id);
-        } else {
-            self.paths.insert(cg.id, cg.path.clone());
+            self.samples.remove(&cg.id);
         }
         info!(?limits, "limits set");
         let status = self.datapath.state(cg.id)?.map(|s| self.describe(&s));
@@ -108,14 +100,9 @@ impl State {
     fn unlimit(&mut self, user: &Path) -> Result<Response, Error> {
         let cg = self.resolve(user)?;
         self.datapath.remove(cg.id)?;
-        self.forget(cg.id);
+        self.samples.remove(&cg.id);
         info!("limits removed");
         Ok(Response::Ok { status: None })
-    }
-
-    fn forget(&mut self, id: u64) {
-        self.paths.remove(&id);
-        self.samples.remove(&id);
     }
 
     fn status(&mut self, only: Option<&Path>) -> Result<Response, Error> {
@@ -138,7 +125,6 @@ impl State {
         // The loaded programs still use the maps just unpinned: load afresh so new limits
         // land in pinned maps a later daemon can adopt.
         self.datapath = Datapath::load(Pins::new(&root))?;
-        self.paths.clear();
         self.samples.clear();
         info!("all limits and pinned state removed");
         Ok(Response::Ok { status: None })
@@ -147,6 +133,15 @@ impl State {
     /// Samples the byte counters to compute the rates `status` shows, and removes the state
     /// of cgroups that were deleted. Called once a second.
     pub fn tick(&mut self) {
+        match self.datapath.collect_garbage(&self.mount) {
+            Ok(gone) => {
+                for id in gone {
+                    info!(id, "cgroup is gone; removed its state");
+                    self.samples.remove(&id);
+                }
+            }
+            Err(e) => warn!(error = %e, "collect state of removed cgroups"),
+        }
         let now = Instant::now();
         let ids = match self.datapath.limited() {
             Ok(ids) => ids,
@@ -170,24 +165,15 @@ impl State {
                         sample.bytes = s.stats.bytes;
                     }
                 }
-                Ok(None) => {
-                    info!(id, "cgroup is gone; removing its state");
-                    if let Err(e) = self.datapath.remove(id) {
-                        warn!(id, error = %e, "remove state of a removed cgroup");
-                    }
-                    self.forget(id);
-                }
+                // Being torn down by the kernel: the next tick collects it.
+                Ok(None) => {}
                 Err(e) => warn!(id, error = %e, "read cgroup state"),
             }
         }
     }
 
     fn describe(&self, s: &CgroupState) -> CgroupStatus {
-        let rates = self
-            .samples
-            .get(&s.id)
-            .map(|x| x.rate_bps)
-            .unwrap_or([0, 0]);
+        let rates = self.samples.get(&s.id).map(|x| x.rate_bps).unwrap_or([0, 0]);
         let dir = |d: usize, limit: Option<u64>| DirectionStatus {
             limit: limit.and_then(|b| Rate::from_bps(b).ok()),
             rate_bps: rates[d],
@@ -198,10 +184,9 @@ impl State {
             flows: s.flows[d],
         };
         CgroupStatus {
-            cgroup: self
-                .paths
-                .get(&s.id)
-                .cloned()
+            cgroup: cgroup::path_of(&self.mount, s.id)
+                .ok()
+                .flatten()
                 .unwrap_or_else(|| PathBuf::from("?")),
             id: s.id,
             egress: dir(EGRESS, s.limits.egress),

@@ -7,10 +7,12 @@
 // short paths (see docs/how-it-works.md).
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 #include "maps.h"
 
 #define PS_SOL_SOCKET 1
 #define PS_SO_MAX_PACING_RATE 47
+#define PS_AF_INET 2
 #define PS_AF_INET6 10
 #define PS_UNLIMITED 0xffffffffU
 // TCP header with the timestamp option, which Linux uses by default.
@@ -24,8 +26,40 @@ static __always_inline int ps_differs(__u64 a, __u64 b)
 	return diff > (b >> 5);
 }
 
+// Whether the peer is this host's loopback or the socket's own address: such traffic stays on
+// lo, which the cgroup_skb programs neither limit nor count, so it is not paced either.
+static __always_inline int ps_local_peer(struct bpf_sock_ops *skops)
+{
+	__u32 r0, r1, r2, r3, l0, l1, l2, l3;
+
+	if (skops->family == PS_AF_INET) {
+		__u32 r = skops->remote_ip4;
+
+		return (r & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000) ||
+		       r == skops->local_ip4;
+	}
+	if (skops->family != PS_AF_INET6)
+		return 0;
+	// One plain load per context field: the verifier refuses loads through a ctx pointer
+	// that was offset first, which is what clang makes of array compares.
+	r0 = READ_ONCE(skops->remote_ip6[0]);
+	r1 = READ_ONCE(skops->remote_ip6[1]);
+	r2 = READ_ONCE(skops->remote_ip6[2]);
+	r3 = READ_ONCE(skops->remote_ip6[3]);
+	l0 = READ_ONCE(skops->local_ip6[0]);
+	l1 = READ_ONCE(skops->local_ip6[1]);
+	l2 = READ_ONCE(skops->local_ip6[2]);
+	l3 = READ_ONCE(skops->local_ip6[3]);
+	if (!r0 && !r1 && !r2 && r3 == bpf_htonl(1))
+		return 1;
+	if (!r0 && !r1 && r2 == bpf_htonl(0xffff) &&
+	    (r3 & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000))
+		return 1;
+	return r0 == l0 && r1 == l1 && r2 == l2 && r3 == l3;
+}
+
 static __always_inline void ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup *cg,
-				     struct ps_stats *st)
+                                     struct ps_stats *st)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct ps_flow *fl;
@@ -57,7 +91,8 @@ static __always_inline void ps_apply(struct bpf_sock_ops *skops, struct ps_cgrou
 	    (target == PS_UNLIMITED || fl->applied[PS_EGRESS] == PS_UNLIMITED ||
 	     !fl->applied[PS_EGRESS] || ps_differs(target, fl->applied[PS_EGRESS]))) {
 		val = (int)target; // int-sized: an 8-byte optval is EINVAL
-		if (!bpf_setsockopt(skops, PS_SOL_SOCKET, PS_SO_MAX_PACING_RATE, &val, sizeof(val))) {
+		if (!bpf_setsockopt(skops, PS_SOL_SOCKET, PS_SO_MAX_PACING_RATE, &val,
+		                    sizeof(val))) {
 			fl->applied[PS_EGRESS] = target;
 			__sync_fetch_and_add(&st->adjusts[PS_EGRESS], 1);
 		}
@@ -74,14 +109,10 @@ int ps_sockops(struct bpf_sock_ops *skops)
 	struct ps_stats *st = bpf_get_local_storage(&ps_stats, 0);
 
 	switch (skops->op) {
-	case BPF_SOCK_OPS_NEEDS_ECN:
-		// Ask for ECN on connections the cgroup opens while it has an ingress limit, so
-		// the ingress program can signal with CE marks instead of drops. Peers accept
-		// ECN by default (net.ipv4.tcp_ecn=2).
-		skops->reply = READ_ONCE(cg->config.rate[PS_INGRESS]) ? 1 : 0;
-		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		if (ps_local_peer(skops))
+			break;
 		// RTT callbacks re-apply the share on every ACK a sender gets.
 		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_RTT_CB_FLAG);
 		ps_apply(skops, cg, st);

@@ -38,10 +38,7 @@ fn unescape_octal(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -94,10 +91,7 @@ pub fn resolve(user: &Path, mount: &Path) -> Result<CgroupDir, Error> {
             why: "not on a cgroup2 file system".into(),
         });
     }
-    Ok(CgroupDir {
-        id: meta.ino(),
-        path,
-    })
+    Ok(CgroupDir { id: meta.ino(), path })
 }
 
 /// Whether `path` lies on a cgroup2 file system.
@@ -112,35 +106,56 @@ pub fn is_cgroup2(path: &Path) -> bool {
     rc == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC
 }
 
-/// Walks the hierarchy under `mount` and returns the paths of the cgroups whose ids are in
-/// `ids` (used once at start-up to name adopted cgroups). Stops when all are found.
-pub fn find_by_ids(mount: &Path, ids: &[u64]) -> Vec<(u64, PathBuf)> {
-    let mut found = Vec::new();
-    let mut stack = vec![mount.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        if found.len() == ids.len() {
-            break;
-        }
-        let Ok(meta) = fs::metadata(&dir) else {
-            continue;
-        };
-        if ids.contains(&meta.ino()) {
-            found.push((meta.ino(), dir.clone()));
-        }
-        let Ok(rd) = fs::read_dir(&dir) else { continue };
-        for e in rd.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                stack.push(e.path());
-            }
-        }
-    }
-    found
-}
+/// The path of the cgroup with this id, or `None` if no such cgroup exists (any more).
+///
+/// Opens the cgroup by its kernfs file handle (the id), as systemd and bpftool do, and reads
+/// the path back from /proc/self/fd. Needs CAP_DAC_READ_SEARCH.
+pub fn path_of(mount: &Path, id: u64) -> Result<Option<PathBuf>, Error> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-/// Whether a cgroup with this id still exists (by walking is too slow for GC, so the daemon
-/// checks the remembered path's inode instead).
-pub fn exists(path: &Path, id: u64) -> bool {
-    fs::metadata(path).map(|m| m.ino() == id).unwrap_or(false)
+    // struct file_handle with an 8-byte f_handle: the kernfs node id.
+    #[repr(C)]
+    struct Handle {
+        bytes: u32,
+        kind: i32,
+        id: [u8; 8],
+    }
+    const FILEID_KERNFS: i32 = 0xfe;
+    let dir = fs::File::open(mount).map_err(|source| Error::Io {
+        what: format!("open {}", mount.display()),
+        source,
+    })?;
+    let mut h = Handle {
+        bytes: 8,
+        kind: FILEID_KERNFS,
+        id: id.to_ne_bytes(),
+    };
+    // SAFETY: h is a valid file_handle with 8 bytes of handle; the fd is owned below.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            dir.as_raw_fd(),
+            (&mut h as *mut Handle).cast(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ESTALE) | Some(libc::ENOENT) => Ok(None),
+            _ => Err(Error::Io {
+                what: format!("open cgroup {id} by handle"),
+                source: e,
+            }),
+        };
+    }
+    // SAFETY: fd was just returned by open_by_handle_at and nobody else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let path = fs::read_link(&link).map_err(|source| Error::Io {
+        what: format!("read {link}"),
+        source,
+    })?;
+    Ok(Some(path))
 }
 
 #[cfg(test)]
@@ -161,10 +176,7 @@ mod tests {
     #[test]
     fn finds_unified_mount_with_optional_fields_and_escapes() {
         let info = "29 23 0:26 / /sys/fs/cgroup rw shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(
-            parse_cgroup2_mount(info),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
+        assert_eq!(parse_cgroup2_mount(info), Some(PathBuf::from("/sys/fs/cgroup")));
         let info = "29 23 0:26 / /mnt/my\\040cg rw - cgroup2 none rw\n";
         assert_eq!(parse_cgroup2_mount(info), Some(PathBuf::from("/mnt/my cg")));
     }
@@ -173,6 +185,20 @@ mod tests {
     fn no_cgroup2_mount() {
         let info = "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
         assert_eq!(parse_cgroup2_mount(info), None);
+    }
+
+    #[test]
+    fn path_of_a_missing_id_is_none() {
+        let Some(mount) = cgroup2_mount().ok() else {
+            return;
+        };
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // open_by_handle_at needs CAP_DAC_READ_SEARCH; the privileged tests cover it
+        }
+        assert_eq!(path_of(&mount, u64::MAX - 1).unwrap(), None);
+        let root = fs::metadata(&mount).unwrap().ino();
+        assert_eq!(path_of(&mount, root).unwrap(), Some(mount.clone()));
     }
 
     #[test]

@@ -15,15 +15,13 @@ use tracing::{debug, instrument};
 
 use crate::{
     abi::{self, Cgroup, Config, Stats},
-    cgroup::CgroupDir,
+    cgroup::{self, CgroupDir},
     pins::{self, Pins},
     sys, Error,
 };
 
-static SOCK_OPS_OBJ: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_ops.bpf.o"));
-static CGROUP_SKB_OBJ: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cgroup_skb.bpf.o"));
+static SOCK_OPS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_ops.bpf.o"));
+static CGROUP_SKB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cgroup_skb.bpf.o"));
 
 /// Limits of one cgroup in bits per second of L3 traffic; `None` is no limit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -150,11 +148,7 @@ impl Datapath {
             what: format!("write limits of cgroup {}", cg.id),
             source,
         })?;
-        debug!(
-            ?limits,
-            generation = value.config.generation,
-            "limits written"
-        );
+        debug!(?limits, generation = value.config.generation, "limits written");
         Ok(())
     }
 
@@ -268,20 +262,21 @@ impl Datapath {
 
     fn read_cgroup(&self, id: u64) -> Result<Cgroup, Error> {
         let mut buf = vec![0u8; std::mem::size_of::<Cgroup>()];
-        sys::lookup(self.cgroups.fd().as_fd(), id, &mut buf, sys::BPF_F_LOCK).map_err(
-            |source| Error::Map {
+        sys::lookup(self.cgroups.fd().as_fd(), id, &mut buf, sys::BPF_F_LOCK).map_err(|source| {
+            Error::Map {
                 what: format!("read state of cgroup {id}"),
                 source,
-            },
-        )?;
+            }
+        })?;
         Ok(sys::from_bytes(&buf))
     }
 
-    /// Unpins the links of cgroups that no longer exist; returns their ids.
-    pub fn collect_garbage(&mut self) -> Result<Vec<u64>, Error> {
+    /// Unpins the links of cgroups that no longer exist (the kernel detached their programs
+    /// but a pinned link stays until unpinned); returns their ids.
+    pub fn collect_garbage(&mut self, mount: &Path) -> Result<Vec<u64>, Error> {
         let mut gone = Vec::new();
         for id in self.limited()? {
-            if self.state(id)?.is_none() {
+            if cgroup::path_of(mount, id)?.is_none() {
                 self.remove(id)?;
                 gone.push(id);
             }

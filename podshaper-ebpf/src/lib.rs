@@ -16,10 +16,7 @@ pub enum Error {
     #[error("no cgroup v2 hierarchy is mounted (none in /proc/self/mountinfo): podshaper needs cgroup v2")]
     NoCgroup2,
     #[error("{}: not a cgroup v2 directory: {why}", path.display())]
-    NotACgroup {
-        path: std::path::PathBuf,
-        why: String,
-    },
+    NotACgroup { path: std::path::PathBuf, why: String },
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -22,13 +22,7 @@ struct ElemAttr {
     flags: u64,
 }
 
-fn elem_op(
-    cmd: libc::c_long,
-    fd: BorrowedFd<'_>,
-    key: &u64,
-    value: *mut u8,
-    flags: u64,
-) -> io::Result<()> {
+fn elem_op(cmd: libc::c_long, fd: BorrowedFd<'_>, key: &u64, value: *mut u8, flags: u64) -> io::Result<()> {
     let attr = ElemAttr {
         map_fd: fd.as_raw_fd() as u32,
         _pad: 0,
@@ -59,13 +53,7 @@ pub(crate) fn lookup(fd: BorrowedFd<'_>, key: u64, out: &mut [u8], flags: u64) -
 
 /// Writes `value` at `key`.
 pub(crate) fn update(fd: BorrowedFd<'_>, key: u64, value: &[u8], flags: u64) -> io::Result<()> {
-    elem_op(
-        BPF_MAP_UPDATE_ELEM,
-        fd,
-        &key,
-        value.as_ptr() as *mut u8,
-        flags,
-    )
+    elem_op(BPF_MAP_UPDATE_ELEM, fd, &key, value.as_ptr() as *mut u8, flags)
 }
 
 /// Views a plain-old-data value as bytes.

@@ -75,19 +75,21 @@ enum Command {
 fn parse_change(s: &str) -> Result<Change, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "none" | "unlimited" => Ok(Change::Unlimited),
-        _ => Rate::parse_cli(s)
-            .map(Change::Set)
-            .map_err(|e| e.to_string()),
+        _ => Rate::parse_cli(s).map(Change::Set).map_err(|e| e.to_string()),
     }
 }
 
 /// Parses the command line, runs it and maps errors to a message and exit code 1.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo prints its own story; the daemon's info lines would only interleave with it.
+    let default = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)))
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {
@@ -145,8 +147,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     check(resp)?;
                 }
                 // No daemon holds the programs: removing the pins detaches everything.
-                Err(_) => podshaper_ebpf::reset(&bpffs)
-                    .with_context(|| format!("reset {}", bpffs.display()))?,
+                Err(_) => {
+                    podshaper_ebpf::reset(&bpffs).with_context(|| format!("reset {}", bpffs.display()))?
+                }
             }
         }
         Command::Demo(args) => crate::demo::run(args)?,
@@ -236,28 +239,18 @@ mod tests {
             "none",
         ])
         .unwrap();
-        let Command::Limit {
-            egress, ingress, ..
-        } = cli.command
-        else {
+        let Command::Limit { egress, ingress, .. } = cli.command else {
             panic!("not limit")
         };
-        assert_eq!(
-            egress,
-            Some(Change::Set(Rate::from_bps(10_000_000).unwrap()))
-        );
+        assert_eq!(egress, Some(Change::Set(Rate::from_bps(10_000_000).unwrap())));
         assert_eq!(ingress, Some(Change::Unlimited));
     }
 
     #[test]
     fn bad_rate_is_refused_with_what_is_accepted() {
         let err =
-            Cli::try_parse_from(["podshaper", "limit", "--cgroup", "/x", "--egress", "10Zbit"])
-                .unwrap_err();
-        assert!(
-            err.to_string().contains("expected bits per second"),
-            "{err}"
-        );
+            Cli::try_parse_from(["podshaper", "limit", "--cgroup", "/x", "--egress", "10Zbit"]).unwrap_err();
+        assert!(err.to_string().contains("expected bits per second"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,562 @@
+//! podshaper-bench: how close podshaper and TBF (as the Kubernetes bandwidth CNI plugin sets
+//! it up) hold a pod to its limit, and what podshaper costs when it does not limit. Runs as
+//! root on the node it measures; prints progress to stderr and the tables to stdout.
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use podshaper_ebpf::Limits;
+use podshaper_testbed::{
+    bpf_stats::{self, ProgStats},
+    iperf::Protocol,
+    run_client,
+    tbf::CONTAINERD_BURST_BITS,
+    Cgroup, ClientOptions, IperfReport, IperfServer, NetnsPair, ServerOptions, Table, Tbf, TempDatapath,
+    Traffic, L3,
+};
+
+/// Measure podshaper against TBF set up by the bandwidth CNI plugin, in two network namespaces
+/// joined by a veth pair (the pod is namespace A, its peer namespace B). Needs root, iperf3,
+/// bpftool and the bandwidth CNI plugin.
+#[derive(Parser, Debug)]
+#[command(name = "podshaper-bench", version)]
+struct Args {
+    /// Small matrix: both directions, TCP cubic and bbr with 1 and 8 flows and UDP, at 100M.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the tables as Markdown to FILE.
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<PathBuf>,
+    /// Seconds per case [default: 5, with --quick 4].
+    #[arg(long)]
+    secs: Option<u32>,
+    /// Shapers to compare.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "podshaper,tbf-cni")]
+    shaper: Vec<Shaper>,
+    /// Burst (bits) given to the bandwidth plugin; the default is containerd's.
+    #[arg(long, default_value_t = CONTAINERD_BURST_BITS)]
+    tbf_burst: u64,
+    /// Skip the overhead rows.
+    #[arg(long)]
+    no_overhead: bool,
+    /// Run only the cases whose progress label contains TEXT, e.g. "ingress tcp bbr x8".
+    #[arg(long, value_name = "TEXT")]
+    filter: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Shaper {
+    Podshaper,
+    TbfCni,
+}
+
+impl Shaper {
+    fn name(self) -> &'static str {
+        match self {
+            Shaper::Podshaper => "podshaper",
+            Shaper::TbfCni => "tbf-cni",
+        }
+    }
+}
+
+/// Direction from the pod's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    Egress,
+    Ingress,
+}
+
+impl Dir {
+    fn name(self) -> &'static str {
+        match self {
+            Dir::Egress => "egress",
+            Dir::Ingress => "ingress",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    shaper: Shaper,
+    dir: Dir,
+    /// TCP congestion control, or None for UDP.
+    cc: Option<&'static str>,
+    flows: u32,
+    target: u64,
+}
+
+impl Case {
+    fn proto(&self) -> &'static str {
+        if self.cc.is_some() {
+            "tcp"
+        } else {
+            "udp"
+        }
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "{} {} {} {} x{} {}",
+            self.shaper.name(),
+            self.dir.name(),
+            self.proto(),
+            self.cc.unwrap_or("-"),
+            self.flows,
+            rate(self.target as f64)
+        )
+    }
+}
+
+const M: u64 = 1_000_000;
+const G: u64 = 1_000_000_000;
+const UDP_LEN: u32 = 1400;
+/// Overhead runs limit at this rate: far above what the veth carries, so nothing is shaped.
+const HIGH_LIMIT: u64 = 40 * G;
+/// Intervals before this (seconds) are slow start and bucket bursts, not steady state.
+const SKIP_SECS: f64 = 1.0;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("podshaper-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("run as root: the bench creates network namespaces, cgroups and BPF programs");
+    }
+    // Ctrl-C also kills iperf3 (same process group); the loop then stops and drops the lab.
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    let secs = args.secs.unwrap_or(if args.quick { 4 } else { 5 });
+    let cases = matrix(&args);
+    let pair = NetnsPair::new().context("create the two-namespace lab")?;
+    let mut datapath = if args.shaper.contains(&Shaper::Podshaper) || !args.no_overhead {
+        Some(TempDatapath::load("podshaper-bench").context("load the podshaper datapath")?)
+    } else {
+        None
+    };
+    let started = Instant::now();
+    let header = header(&args, secs)?;
+    print!("{header}");
+
+    let mut results = Table::new([
+        "shaper",
+        "direction",
+        "proto",
+        "cc",
+        "flows",
+        "target",
+        "achieved/target",
+        "goodput/target",
+        "steady/target",
+        "worst100ms/target",
+        "retransmits (UDP: loss)",
+    ]);
+    for (i, case) in cases.iter().enumerate() {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            break;
+        }
+        eprint!("[{}/{}] {} ... ", i + 1, cases.len(), case.label());
+        let t0 = Instant::now();
+        let row = match run_case(&pair, datapath.as_mut(), case, secs, args.tbf_burst) {
+            Ok((report, note)) => {
+                let row = row(case, &report);
+                let sent = report.sent_bps / case.target as f64;
+                eprintln!(
+                    "achieved {} worst {} retx/loss {} sent {sent:.2}{note} [{:.1} s]",
+                    row[6],
+                    row[9],
+                    row[10],
+                    t0.elapsed().as_secs_f64()
+                );
+                row
+            }
+            Err(e) => {
+                eprintln!("failed: {e:#}");
+                let mut row = row_head(case);
+                row.push("error".into());
+                row
+            }
+        };
+        results.push(row);
+        thread::sleep(Duration::from_millis(200));
+    }
+
+    let overhead = match (&mut datapath, args.no_overhead) {
+        (Some(dp), false) if !INTERRUPTED.load(Ordering::SeqCst) => Some(overhead(&pair, dp, &args, secs)?),
+        _ => None,
+    };
+
+    println!("{}", results.to_text());
+    if let Some(t) = &overhead {
+        println!(
+            "Overhead: TCP cubic, limit {} both ways vs no program\n",
+            rate(HIGH_LIMIT as f64)
+        );
+        println!("{}", t.to_text());
+    }
+    eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
+    if let Some(path) = &args.markdown {
+        let mut md = String::new();
+        for line in header.lines().filter(|l| !l.is_empty()) {
+            writeln!(md, "- {line}")?;
+        }
+        writeln!(md, "\n{}", results.to_markdown())?;
+        if let Some(t) = &overhead {
+            writeln!(
+                md,
+                "Overhead: TCP cubic, limit {} both ways vs no program.\n",
+                rate(HIGH_LIMIT as f64)
+            )?;
+            writeln!(md, "{}", t.to_markdown())?;
+        }
+        std::fs::write(path, md).with_context(|| format!("write {}", path.display()))?;
+    }
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted: the tables above are partial");
+    }
+    Ok(())
+}
+
+fn matrix(args: &Args) -> Vec<Case> {
+    let (tcp_targets, udp_targets, flows, udp_flows): (&[u64], &[u64], &[u32], &[u32]) = if args.quick {
+        (&[100 * M], &[100 * M], &[1, 8], &[1])
+    } else {
+        (
+            &[10 * M, 100 * M, G, 5 * G],
+            &[10 * M, 100 * M, G],
+            &[1, 8, 32],
+            &[1, 8, 32],
+        )
+    };
+    let mut cases = Vec::new();
+    // Both shapers of one configuration on adjacent rows, to read them side by side.
+    let mut push = |dir, cc, flows, target| {
+        for &shaper in &args.shaper {
+            cases.push(Case {
+                shaper,
+                dir,
+                cc,
+                flows,
+                target,
+            });
+        }
+    };
+    for &target in tcp_targets {
+        for dir in [Dir::Egress, Dir::Ingress] {
+            for cc in ["cubic", "bbr"] {
+                for &f in flows {
+                    push(dir, Some(cc), f, target);
+                }
+            }
+            if udp_targets.contains(&target) {
+                for &f in udp_flows {
+                    push(dir, None, f, target);
+                }
+            }
+        }
+    }
+    cases.retain(|c| {
+        args.filter
+            .as_ref()
+            .is_none_or(|f| c.label().contains(f.as_str()))
+    });
+    cases
+}
+
+/// Runs one case in a fresh cgroup; returns the report and a note on what the shaper did.
+fn run_case(
+    pair: &NetnsPair,
+    datapath: Option<&mut TempDatapath>,
+    case: &Case,
+    secs: u32,
+    tbf_burst: u64,
+) -> Result<(IperfReport, String)> {
+    let cg = Cgroup::new("bench")?;
+    let limit = Some(case.target);
+    let traffic = match case.cc {
+        Some(cc) => Traffic::Tcp {
+            congestion: Some(cc.to_string()),
+        },
+        None => Traffic::Udp {
+            rate: 2 * case.target,
+            len: UDP_LEN,
+        },
+    };
+    let client = ClientOptions {
+        traffic,
+        flows: case.flows,
+        secs,
+        reverse: case.dir == Dir::Ingress,
+        // TBF queues up to its burst: at 10M the results wait behind a minute of data.
+        grace: Duration::from_secs(180),
+        ..ClientOptions::new(NetnsPair::B_V4.into())
+    };
+    match case.shaper {
+        Shaper::TbfCni => {
+            let _tbf = Tbf::add(pair, limit, limit, tbf_burst).context("bandwidth plugin ADD")?;
+            let report = measure(pair, &cg, &client)?;
+            Ok((report, String::new()))
+        }
+        Shaper::Podshaper => {
+            let Some(dp) = datapath else {
+                bail!("datapath not loaded")
+            };
+            dp.set(
+                &cg.dir()?,
+                Limits {
+                    egress: limit,
+                    ingress: limit,
+                },
+            )
+            .context("set limits")?;
+            let report = measure(pair, &cg, &client);
+            let note = match dp.state(cg.id()) {
+                Ok(Some(s)) => {
+                    let d = if case.dir == Dir::Egress { 0 } else { 1 };
+                    format!(
+                        " (drops {} marks {} adjusts {})",
+                        s.stats.drops[d], s.stats.marks[d], s.stats.adjusts[d]
+                    )
+                }
+                _ => String::new(),
+            };
+            dp.remove(cg.id()).context("remove limits")?;
+            Ok((report?, note))
+        }
+    }
+}
+
+/// One iperf3 test: the server in B, the client in A inside `cg`.
+fn measure(pair: &NetnsPair, cg: &Cgroup, client: &ClientOptions) -> Result<IperfReport> {
+    let _server = IperfServer::start(pair.b(), None, &ServerOptions::default())?;
+    Ok(run_client(pair.a(), Some(cg), client)?)
+}
+
+fn l3(report: &IperfReport) -> L3 {
+    match report.protocol {
+        Protocol::Tcp => L3::TCP_V4,
+        Protocol::Udp => L3::udp_v4(UDP_LEN),
+    }
+}
+
+fn row_head(case: &Case) -> Vec<String> {
+    vec![
+        case.shaper.name().into(),
+        case.dir.name().into(),
+        case.proto().into(),
+        case.cc.unwrap_or("-").into(),
+        case.flows.to_string(),
+        rate(case.target as f64),
+    ]
+}
+
+fn row(case: &Case, r: &IperfReport) -> Vec<String> {
+    let t = case.target as f64;
+    let conv = l3(r);
+    let ratio = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}", conv.l3_bps(v) / t));
+    let mut row = row_head(case);
+    row.push(ratio(Some(r.received_bps)));
+    row.push(format!("{:.2}", r.received_bps / t));
+    row.push(ratio(r.mean_after_bps(SKIP_SECS)));
+    row.push(ratio(r.worst_interval_bps(SKIP_SECS)));
+    row.push(match (r.retransmits, r.lost_percent()) {
+        (Some(n), _) => n.to_string(),
+        (None, Some(p)) => format!("{p:.1}%"),
+        _ => "-".into(),
+    });
+    row
+}
+
+/// Throughput with podshaper attached but not limiting, against no program at all, and the
+/// kernel's ns per program run. Stats are on only in a separate run: timing costs too.
+fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> Result<Table> {
+    let mut t = Table::new([
+        "direction",
+        "flows",
+        "no program Gbit/s",
+        "podshaper Gbit/s",
+        "ratio",
+        "egress ns/run",
+        "ingress ns/run",
+        "sock_ops ns/run",
+    ]);
+    let flows: &[u32] = if args.quick { &[1] } else { &[1, 8] };
+    for dir in [Dir::Egress, Dir::Ingress] {
+        for &f in flows {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                return Ok(t);
+            }
+            eprint!("[overhead] {} x{f} ... ", dir.name());
+            let client = ClientOptions {
+                traffic: Traffic::Tcp {
+                    congestion: Some("cubic".into()),
+                },
+                flows: f,
+                secs,
+                reverse: dir == Dir::Ingress,
+                ..ClientOptions::new(NetnsPair::B_V4.into())
+            };
+            let base = {
+                let cg = Cgroup::new("bench-base")?;
+                measure(pair, &cg, &client)?
+            };
+            let limits = Limits {
+                egress: Some(HIGH_LIMIT),
+                ingress: Some(HIGH_LIMIT),
+            };
+            let shaped = {
+                let cg = Cgroup::new("bench-high")?;
+                dp.set(&cg.dir()?, limits)?;
+                let r = measure(pair, &cg, &client);
+                dp.remove(cg.id())?;
+                r?
+            };
+            let (egress, ingress, sockops) = {
+                let cg = Cgroup::new("bench-stats")?;
+                dp.set(&cg.dir()?, limits)?;
+                let r = (|| -> Result<_> {
+                    let _stats = bpf_stats::enable_stats()?;
+                    let before = bpf_stats::cgroup_programs(cg.path())?;
+                    measure(pair, &cg, &client)?;
+                    let after = bpf_stats::cgroup_programs(cg.path())?;
+                    let per_run = |kind: &str| ns_per_run(&before, &after, kind);
+                    Ok((per_run("egress"), per_run("ingress"), per_run("sock_ops")))
+                })();
+                dp.remove(cg.id())?;
+                r?
+            };
+            let gbit = |r: &IperfReport| r.received_bps / 1e9;
+            eprintln!("{:.2} vs {:.2} Gbit/s", gbit(&base), gbit(&shaped));
+            t.push([
+                dir.name().to_string(),
+                f.to_string(),
+                format!("{:.2}", gbit(&base)),
+                format!("{:.2}", gbit(&shaped)),
+                format!("{:.2}", shaped.received_bps / base.received_bps),
+                egress,
+                ingress,
+                sockops,
+            ]);
+        }
+    }
+    Ok(t)
+}
+
+// `kind` matches bpftool's attach type: cgroup_inet_egress, cgroup_inet_ingress, sock_ops.
+fn ns_per_run(before: &[ProgStats], after: &[ProgStats], kind: &str) -> String {
+    let Some(a) = after.iter().find(|p| p.attach_type.ends_with(kind)) else {
+        return "-".into();
+    };
+    let b = before.iter().find(|p| p.id == a.id).cloned().unwrap_or_default();
+    a.ns_per_run_since(&b).map_or("-".into(), |ns| {
+        format!("{ns:.0} ({} runs)", a.run_cnt - b.run_cnt)
+    })
+}
+
+/// "10M", "1G", "2.5G": decimal bits per second as Kubernetes writes them.
+fn rate(bps: f64) -> String {
+    let (v, unit) = if bps >= G as f64 {
+        (bps / G as f64, "G")
+    } else if bps >= M as f64 {
+        (bps / M as f64, "M")
+    } else {
+        (bps / 1e3, "k")
+    };
+    let s = format!("{v:.1}");
+    format!("{}{unit}", s.trim_end_matches(".0"))
+}
+
+fn header(args: &Args, secs: u32) -> Result<String> {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").context("read kernel release")?;
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpus = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    let command: Vec<String> = std::env::args().collect();
+    let mut h = String::new();
+    writeln!(h, "command: {}", command.join(" "))?;
+    writeln!(h, "kernel: {} (uname -r), {cpus} CPUs {model}", kernel.trim())?;
+    writeln!(h, "date: {date}")?;
+    writeln!(
+        h,
+        "lab: namespaces A (the pod) and B joined by a veth pair, MTU 1500, IPv4; the iperf3 client runs in A in a fresh cgroup per case, the server in B; {secs} s per case, 100 ms intervals"
+    )?;
+    writeln!(
+        h,
+        "shapers: podshaper = cgroup BPF datapath, egress and ingress limit = target; tbf-cni = bandwidth CNI plugin, ingressRate = egressRate = target, burst {} bits (containerd: 2^32-1), TBF counts L2 bytes",
+        args.tbf_burst
+    )?;
+    writeln!(
+        h,
+        "achieved: L3 bytes/s at the receiver (IP header + payload of every segment, from goodput: TCP x1500/1448, UDP x1428/1400) over the whole test; goodput: payload only; steady: mean after the first second; worst100ms: highest 100 ms receiver interval after the first second (L3)"
+    )?;
+    writeln!(
+        h,
+        "egress = the pod sends, ingress = the pod receives (iperf3 -R); UDP is offered at 2x target; for UDP the last column is the receiver's loss"
+    )?;
+    writeln!(h)?;
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_read_like_annotations() {
+        assert_eq!(rate(10e6), "10M");
+        assert_eq!(rate(1e9), "1G");
+        assert_eq!(rate(2.5e9), "2.5G");
+        assert_eq!(rate(40e9), "40G");
+    }
+
+    #[test]
+    fn matrix_sizes() {
+        let quick = Args::parse_from(["podshaper-bench", "--quick"]);
+        // 2 directions x (2 cc x 2 flow counts + 1 UDP) x 2 shapers.
+        assert_eq!(matrix(&quick).len(), 20);
+        let full = Args::parse_from(["podshaper-bench"]);
+        // 2 shapers x 2 directions x (4 targets x 2 cc x 3 flows + 3 targets x 3 flows).
+        assert_eq!(matrix(&full).len(), 132);
+        let one = Args::parse_from(["podshaper-bench", "--shaper", "tbf-cni"]);
+        assert!(matrix(&one).iter().all(|c| c.shaper == Shaper::TbfCni));
+        let some = Args::parse_from(["podshaper-bench", "--filter", "ingress udp - x32"]);
+        // Both shapers at 10M, 100M and 1G.
+        assert_eq!(matrix(&some).len(), 6);
+    }
+}
