@@ -21,6 +21,9 @@ use crate::{Error, State};
 pub struct Options {
     pub socket: PathBuf,
     pub bpffs_root: PathBuf,
+    /// Pace senders on this node toward ingress-limited cgroups (a sock_ops program on the
+    /// cgroup v2 root while some ingress limit exists); off, ingress is only policed.
+    pub peer_pacing: bool,
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -29,7 +32,7 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
 
 /// Runs the daemon until SIGTERM or SIGINT. Limits stay in force after it returns.
 pub async fn run(opts: Options) -> Result<(), Error> {
-    let state = Arc::new(Mutex::new(State::open(&opts.bpffs_root)?));
+    let state = Arc::new(Mutex::new(State::open(&opts.bpffs_root, opts.peer_pacing)?));
     let listener = bind(&opts.socket).await?;
     let mut term = signal(SignalKind::terminate()).map_err(io("install SIGTERM handler".into()))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("install SIGINT handler".into()))?;

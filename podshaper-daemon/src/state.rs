@@ -37,9 +37,10 @@ pub struct State {
 impl State {
     /// Loads the datapath under `root`, adopts what is pinned there and drops the state of
     /// cgroups that disappeared while no daemon ran.
-    pub fn open(root: &Path) -> Result<Self, Error> {
+    pub fn open(root: &Path, peer_pacing: bool) -> Result<Self, Error> {
         let mount = cgroup::cgroup2_mount()?;
         let mut datapath = Datapath::load(Pins::new(root))?;
+        datapath.set_peer_pacing(peer_pacing);
         let gone = datapath.collect_garbage(&mount)?;
         if !gone.is_empty() {
             info!(count = gone.len(), "removed state of cgroups that are gone");
@@ -124,7 +125,9 @@ impl State {
         podshaper_ebpf::reset(&root)?;
         // The loaded programs still use the maps just unpinned: load afresh so new limits
         // land in pinned maps a later daemon can adopt.
+        let peer_pacing = self.datapath.peer_pacing();
         self.datapath = Datapath::load(Pins::new(&root))?;
+        self.datapath.set_peer_pacing(peer_pacing);
         self.samples.clear();
         info!("all limits and pinned state removed");
         Ok(Response::Ok { status: None })

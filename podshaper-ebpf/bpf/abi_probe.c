@@ -19,6 +19,9 @@ int main(void)
 	SIZE(ps_cgroup);
 	SIZE(ps_stats);
 	SIZE(ps_flow);
+	SIZE(ps_peer_key);
+	SIZE(ps_peer);
+	OFF(ps_peer_key, port, "port");
 	OFF(ps_config, generation, "generation");
 	OFF(ps_dir_state, share, "share");
 	OFF(ps_dir_state, epoch, "epoch");

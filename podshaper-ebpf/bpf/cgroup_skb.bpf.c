@@ -21,14 +21,18 @@
 #define PS_PASS_CN 3
 
 #define PS_LOOPBACK_IFINDEX 1
+#define PS_AF_INET 2
+#define PS_AF_INET6 10
 #define PS_IP_OFFSET_MASK 0x1fff
 
 struct ps_pkt {
 	__u32 hdrlen; // L3 + L4 header bytes of one segment
 	__u32 wire; // L3 bytes on the wire, every GSO segment with its headers
 	__u8 tcp;
+	__u8 syn;
 	__u8 payload;
 	__u8 ect;
+	struct ps_peer_key dst; // destination address and port (TCP only)
 };
 
 static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
@@ -37,8 +41,10 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 
 	p->hdrlen = 0;
 	p->tcp = 0;
+	p->syn = 0;
 	p->payload = 0;
 	p->ect = 0;
+	__builtin_memset(&p->dst, 0, sizeof(p->dst));
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 
@@ -49,6 +55,8 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 		if (!(ip.frag_off & bpf_htons(PS_IP_OFFSET_MASK)))
 			proto = ip.protocol;
 		p->ect = ip.tos & 3;
+		p->dst.family = PS_AF_INET;
+		p->dst.addr[0] = ip.daddr;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 
@@ -57,6 +65,8 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 		l3 = sizeof(ip6);
 		proto = ip6.nexthdr; // extension headers: counted, not parsed
 		p->ect = (ip6.flow_lbl[0] >> 4) & 3;
+		p->dst.family = PS_AF_INET6;
+		__builtin_memcpy(p->dst.addr, &ip6.daddr, sizeof(p->dst.addr));
 	}
 	p->hdrlen = l3;
 	if (proto == IPPROTO_TCP) {
@@ -64,7 +74,9 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 
 		if (!bpf_skb_load_bytes(skb, l3, &th, sizeof(th))) {
 			p->tcp = 1;
+			p->syn = th.syn;
 			p->hdrlen = l3 + th.doff * 4;
+			p->dst.port = bpf_ntohs(th.dest);
 		}
 	} else if (proto == IPPROTO_UDP) {
 		p->hdrlen = l3 + 8;
@@ -89,8 +101,8 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	struct ps_flow *fl = NULL;
 	struct ps_dir_state *d;
 	struct ps_pkt p;
-	__u64 rate, now, burst, depth, elapsed;
-	int verdict = PS_PASS, mark = 0;
+	__u64 rate, now, burst, depth, elapsed, share = 0;
+	int verdict = PS_PASS, mark = 0, refresh = 0;
 
 	// Loopback (127.0.0.0/8, ::1, the pod's own addresses) stays free and uncounted.
 	if (skb->ifindex == PS_LOOPBACK_IFINDEX)
@@ -119,6 +131,8 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		cg->generation_seen = cg->config.generation;
 		cg->dir[0].share = 0;
 		cg->dir[1].share = 0;
+		cg->dir[0].gain = 0;
+		cg->dir[1].gain = 0;
 		cg->dir[0].refill_ns = 0;
 		cg->dir[1].refill_ns = 0;
 	}
@@ -137,15 +151,24 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	d->refill_ns = now;
 	ps_roll_epoch(d, rate, now);
 
-	if (fl && fl->epoch[dir] != d->epoch + 1) {
-		// First data of this flow in this epoch: it counts as active. A flow joining
-		// shrinks the share at once; the controller hands unused share back later.
-		fl->epoch[dir] = d->epoch + 1;
+	// A connection being set up (ingress SYN) or a flow's first data in this epoch: it counts
+	// as active, and a flow beyond last epoch's count shrinks everyone's share at once. The
+	// epoch controller hands unused share back later.
+	if ((dir == PS_INGRESS && p.syn) || (fl && fl->epoch[dir] != d->epoch + 1)) {
+		if (fl && !p.syn)
+			fl->epoch[dir] = d->epoch + 1;
 		d->flows_cur++;
-		if (d->flows_cur > d->flows_prev && d->share > rate / d->flows_cur)
-			d->share = rate / d->flows_cur;
+		if (d->flows_cur > d->flows_prev)
+			ps_set_share(d, rate);
 	}
-
+	// Republish this socket's ingress share when it changed (a flow joined or left, an epoch
+	// ended) or on a SYN, so that senders on this node re-pace at their next ACK.
+	if (dir == PS_INGRESS && p.tcp) {
+		share = d->share ? d->share : rate;
+		refresh = p.syn || (fl && fl->published != share);
+		if (fl)
+			fl->published = share;
+	}
 	if (!p.tcp) {
 		if (d->tokens <= 0)
 			verdict = dir == PS_EGRESS ? PS_DROP_CN : PS_DROP;
@@ -157,7 +180,7 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		else if (d->tokens <= -(__s64)depth)
 			verdict = PS_PASS_CN;
 	} else {
-		if (d->tokens <= -(__s64)depth)
+		if (d->tokens <= -(__s64)(2 * depth))
 			verdict = PS_DROP;
 		else if (d->tokens <= 0 && (p.ect == 1 || p.ect == 2))
 			mark = 1;
@@ -168,6 +191,12 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	}
 	bpf_spin_unlock(&cg->lock);
 
+	if (dir == PS_INGRESS && refresh) {
+		// Tell senders on this node what this socket may receive (see ps_peers).
+		struct ps_peer peer = {.share = share, .updated_ns = now};
+
+		bpf_map_update_elem(&ps_peers, &p.dst, &peer, BPF_ANY);
+	}
 	if (mark && bpf_skb_ecn_set_ce(skb))
 		__sync_fetch_and_add(&st->marks[dir], 1);
 	if (verdict == PS_PASS_CN)

@@ -41,6 +41,20 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ps_flows SEC(".maps");
 
+// (address, port) of a socket in an ingress-limited cgroup -> struct ps_peer. Written by the
+// ingress program (on SYNs and on each flow's first data of an epoch), read by sock_ops to pace
+// senders on this node toward it: ingress shaped at the source instead of policed. LRU, 64k
+// sockets; entries older than PS_PEER_TTL_NS are ignored. Pinned.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ps_peer_key);
+	__type(value, struct ps_peer);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ps_peers SEC(".maps");
+
+#define PS_PEER_TTL_NS (1000ULL * 1000 * 1000)
+
 // Length of a measurement epoch. Long enough to see a packet of every flow at the lowest
 // per-flow share worth pacing, short enough that an idle flow's share returns within ~2 epochs.
 #define PS_EPOCH_NS (50ULL * 1000 * 1000)
@@ -64,46 +78,63 @@ static __always_inline __u64 ps_bytes_in(__u64 rate, __u64 ns)
 	return (rate >> 20) * ns / (PS_NSEC >> 20);
 }
 
-// Rolls the epoch of one direction if it is over and feeds the share controller. Caller holds
-// the lock. The controller scales the share by limit/measured, so flows that cannot use their
-// share (idle or application-limited) leave it to the others, and overshoot is pulled back.
+#define PS_GAIN_ONE 1024
+
+// share = rate x gain / flows, flows being the most seen in this or the last epoch, at most
+// 1.25x the limit for one flow (senders that pace below their cap, like bbr in its drain
+// phases, still fill the limit; the feedback keeps the aggregate at it). Caller holds the lock.
+static __always_inline void ps_set_share(struct ps_dir_state *d, __u64 rate)
+{
+	__u64 n = d->flows_cur > d->flows_prev ? d->flows_cur : d->flows_prev;
+	__u64 gain = d->gain ? d->gain : PS_GAIN_ONE;
+	__u64 share;
+
+	if (!n)
+		n = 1;
+	// rate < 2^47 (1 Pbit/s) and gain < 2^22: no overflow.
+	share = rate * gain / PS_GAIN_ONE / n;
+	if (share > rate + rate / 4)
+		share = rate + rate / 4;
+	d->share = share ? share : 1;
+}
+
+// Rolls the epoch of one direction if it is over and feeds the controller: the gain is scaled
+// by limit/measured, so flows that cannot use their share (idle or application-limited) leave
+// it to the others, and overshoot (late pacing timers catch up) is pulled back. Caller holds
+// the lock.
 static __always_inline void ps_roll_epoch(struct ps_dir_state *d, __u64 rate, __u64 now)
 {
 	__u64 elapsed = now - d->epoch_start_ns;
-	__u64 share, floor, measured, n;
+	__u64 measured, gain, max;
 
 	if (elapsed < PS_EPOCH_NS)
 		return;
-	n = d->flows_cur ? d->flows_cur : 1;
-	measured = elapsed ? d->epoch_bytes * PS_NSEC / elapsed : 0;
-	if (elapsed > 4 * PS_EPOCH_NS)
-		measured = 0; // the cgroup was quiet: restart from the equal split
-	share = d->share;
-	floor = rate / (4 * n);
-	if (!measured || !share) {
-		share = rate / n;
+	measured = d->epoch_bytes * PS_NSEC / elapsed;
+	gain = d->gain ? d->gain : PS_GAIN_ONE;
+	if (elapsed > 4 * PS_EPOCH_NS || !measured) {
+		gain = PS_GAIN_ONE; // the cgroup was quiet: restart from the equal split
 	} else {
-		// Q10 fixed point; rate < 2^47 for 1 Pbit/s, so rate << 10 cannot overflow.
+		// Q10; rate < 2^47, so rate << 10 cannot overflow. At most x1.25 up per epoch.
 		__u64 factor = (rate << 10) / measured;
 
-		// At most x1.5 up per epoch; down as far as the measurement says.
-		if (factor > 1536)
-			factor = 1536;
-		share = share * factor >> 10;
+		if (factor > 1280)
+			factor = 1280;
+		gain = gain * factor >> 10;
 	}
-	if (share < floor)
-		share = floor;
-	if (share > rate)
-		share = rate;
-	if (!share)
-		share = 1;
-	d->share = share;
+	max = PS_GAIN_ONE * (d->flows_cur ? d->flows_cur : 1);
+	max += max / 4;
+	if (gain > max)
+		gain = max;
+	if (gain < PS_GAIN_ONE / 4)
+		gain = PS_GAIN_ONE / 4;
+	d->gain = gain;
 	d->measured = measured;
 	d->flows_prev = d->flows_cur;
 	d->flows_cur = 0;
 	d->epoch_bytes = 0;
 	d->epoch_start_ns = now;
 	d->epoch++;
+	ps_set_share(d, rate);
 }
 
 #endif

@@ -39,7 +39,8 @@ struct ps_dir_state {
 	__u32 epoch;
 	__u32 flows_cur;
 	__u32 flows_prev;
-	__u32 _pad;
+	// Correction the feedback learned, Q10 (1024 = the equal split): share = rate x gain / n.
+	__u32 gain;
 };
 
 // Per-cgroup value of ps_cgroups: the daemon's config and the programs' state.
@@ -62,13 +63,31 @@ struct ps_stats {
 	__u64 adjusts[2];
 };
 
-// Per-socket state of ps_flows (socket local storage): what sock_ops last applied and the
-// epoch in which the flow was last counted as active.
+// Per-socket state of ps_flows (socket local storage).
 struct ps_flow {
-	__u64 applied[2];
+	// Pacing rate last set on the socket (payload bytes/s); 0 until the first set.
+	__u64 applied;
+	// Egress target of the socket's own cgroup (payload bytes/s); 0 = none. Written by the
+	// cgroup's sock_ops program, read by the node-level one so both apply the same minimum.
+	__u64 egress;
+	// Ingress share last published to ps_peers for this socket (L3 bytes/s).
+	__u64 published;
+	// Epoch (+1) in which the flow was last counted as active, per direction.
 	__u32 epoch[2];
-	__u32 generation;
-	__u32 _pad;
+};
+
+// Key of ps_peers: the address and TCP port of a socket in an ingress-limited cgroup, as a
+// sender on this node sees its peer. IPv4 in addr[0], network order; port in host order.
+struct ps_peer_key {
+	__u32 addr[4];
+	__u16 port;
+	__u16 family;
+};
+
+// Value of ps_peers: the receiving cgroup's per-flow ingress share and when it was refreshed.
+struct ps_peer {
+	__u64 share; // L3 bytes/s
+	__u64 updated_ns;
 };
 
 #endif

@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 // Copyright (c) 2026 The podshaper authors
 //
-// sock_ops program: paces each TCP flow of a limited cgroup at its share of the egress limit
-// (SO_MAX_PACING_RATE; TCP paces internally without fq since 4.13). Ingress is policed by the
-// cgroup_skb program; clamping the receive window was measured and made things worse on
-// short paths (see docs/how-it-works.md).
+// sock_ops programs: pace each TCP flow of a limited cgroup at its share of the egress limit,
+// and each flow on this node toward an ingress-limited socket at that socket's share of the
+// ingress limit (SO_MAX_PACING_RATE; TCP paces internally without fq since 4.13). Clamping the
+// receive window instead was measured and made things worse (see docs/how-it-works.md).
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -28,75 +28,120 @@ static __always_inline int ps_differs(__u64 a, __u64 b)
 
 // Whether the peer is this host's loopback or the socket's own address: such traffic stays on
 // lo, which the cgroup_skb programs neither limit nor count, so it is not paced either.
-static __always_inline int ps_local_peer(struct bpf_sock_ops *skops)
-{
-	__u32 r0, r1, r2, r3, l0, l1, l2, l3;
+struct ps_addrs {
+	__u32 r[4];
+	__u32 l[4];
+};
 
+// One plain load per context field: the verifier refuses loads through a ctx pointer that was
+// offset first, which is what clang makes of array accesses in a loop or compare.
+static __always_inline void ps_read_addrs(struct bpf_sock_ops *skops, struct ps_addrs *a)
+{
+	a->r[0] = READ_ONCE(skops->remote_ip6[0]);
+	a->r[1] = READ_ONCE(skops->remote_ip6[1]);
+	a->r[2] = READ_ONCE(skops->remote_ip6[2]);
+	a->r[3] = READ_ONCE(skops->remote_ip6[3]);
+	a->l[0] = READ_ONCE(skops->local_ip6[0]);
+	a->l[1] = READ_ONCE(skops->local_ip6[1]);
+	a->l[2] = READ_ONCE(skops->local_ip6[2]);
+	a->l[3] = READ_ONCE(skops->local_ip6[3]);
+}
+
+// The peer's address and port as the ingress program of its cgroup keys it; v4-mapped IPv6
+// peers are keyed as IPv4. Returns whether the peer is this host's loopback or the socket's own
+// address: such traffic stays on lo, which the cgroup_skb programs neither limit nor count, so
+// it is not paced either.
+static __always_inline int ps_peer_of(struct bpf_sock_ops *skops, struct ps_peer_key *k)
+{
+	struct ps_addrs a;
+
+	__builtin_memset(k, 0, sizeof(*k));
+	k->port = bpf_ntohl(skops->remote_port);
 	if (skops->family == PS_AF_INET) {
 		__u32 r = skops->remote_ip4;
 
+		k->family = PS_AF_INET;
+		k->addr[0] = r;
 		return (r & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000) ||
 		       r == skops->local_ip4;
 	}
 	if (skops->family != PS_AF_INET6)
 		return 0;
-	// One plain load per context field: the verifier refuses loads through a ctx pointer
-	// that was offset first, which is what clang makes of array compares.
-	r0 = READ_ONCE(skops->remote_ip6[0]);
-	r1 = READ_ONCE(skops->remote_ip6[1]);
-	r2 = READ_ONCE(skops->remote_ip6[2]);
-	r3 = READ_ONCE(skops->remote_ip6[3]);
-	l0 = READ_ONCE(skops->local_ip6[0]);
-	l1 = READ_ONCE(skops->local_ip6[1]);
-	l2 = READ_ONCE(skops->local_ip6[2]);
-	l3 = READ_ONCE(skops->local_ip6[3]);
-	if (!r0 && !r1 && !r2 && r3 == bpf_htonl(1))
+	ps_read_addrs(skops, &a);
+	if (!a.r[0] && !a.r[1] && a.r[2] == bpf_htonl(0xffff)) {
+		k->family = PS_AF_INET;
+		k->addr[0] = a.r[3];
+		return (a.r[3] & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000) ||
+		       (a.r[3] == a.l[3] && a.l[2] == bpf_htonl(0xffff));
+	}
+	k->family = PS_AF_INET6;
+	k->addr[0] = a.r[0];
+	k->addr[1] = a.r[1];
+	k->addr[2] = a.r[2];
+	k->addr[3] = a.r[3];
+	if (!a.r[0] && !a.r[1] && !a.r[2] && a.r[3] == bpf_htonl(1))
 		return 1;
-	if (!r0 && !r1 && r2 == bpf_htonl(0xffff) &&
-	    (r3 & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000))
-		return 1;
-	return r0 == l0 && r1 == l1 && r2 == l2 && r3 == l3;
+	return a.r[0] == a.l[0] && a.r[1] == a.l[1] && a.r[2] == a.l[2] && a.r[3] == a.l[3];
 }
 
-static __always_inline void ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup *cg,
-                                     struct ps_stats *st)
+// L3 bytes/s to the payload bytes/s that TCP paces, for this socket's segment size.
+static __always_inline __u64 ps_payload(struct bpf_sock_ops *skops, __u64 l3)
+{
+	__u64 mss = skops->mss_cache;
+	__u64 hdr = (skops->family == PS_AF_INET6 ? 40 : 20) + PS_TCP_HDR;
+
+	return mss ? l3 * mss / (mss + hdr) : l3;
+}
+
+// Paces the socket at the lower of its own cgroup's egress share (cg: the cgroup's state, NULL
+// in the node-level program) and its peer's ingress share when the peer is on this node.
+// Returns whether the socket is paced.
+static __always_inline int ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup *cg,
+                                    struct ps_stats *st)
 {
 	struct bpf_sock *sk = skops->sk;
+	struct ps_peer_key key;
+	struct ps_peer *peer;
 	struct ps_flow *fl;
-	__u64 rate, share, mss, hdr, target;
+	__u64 rate, share, target;
 	int val;
 
-	if (!sk)
-		return;
+	if (!sk || ps_peer_of(skops, &key))
+		return 0;
 	fl = bpf_sk_storage_get(&ps_flows, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!fl)
-		return;
-	mss = skops->mss_cache;
-	hdr = (skops->family == PS_AF_INET6 ? 40 : 20) + PS_TCP_HDR;
-
-	// Egress: pacing rate in payload bytes/s, converted from the L3 share.
-	rate = ps_rate(cg, PS_EGRESS);
-	target = PS_UNLIMITED;
-	if (rate) {
-		share = READ_ONCE(cg->dir[PS_EGRESS].share);
-		if (!share || share > rate)
-			share = rate;
-		if (mss)
-			share = share * mss / (mss + hdr);
-		// SO_MAX_PACING_RATE is 32 bits (~34 Gbit/s); above that the bucket backstops.
-		if (share < PS_UNLIMITED)
+		return 0;
+	if (cg) {
+		rate = ps_rate(cg, PS_EGRESS);
+		fl->egress = 0;
+		if (rate) {
+			share = READ_ONCE(cg->dir[PS_EGRESS].share);
+			if (!share)
+				share = rate;
+			fl->egress = ps_payload(skops, share);
+		}
+	}
+	target = fl->egress ? fl->egress : PS_UNLIMITED;
+	peer = bpf_map_lookup_elem(&ps_peers, &key);
+	if (peer && bpf_ktime_get_ns() - READ_ONCE(peer->updated_ns) < PS_PEER_TTL_NS) {
+		share = ps_payload(skops, READ_ONCE(peer->share));
+		if (share && share < target)
 			target = share;
 	}
-	if (fl->applied[PS_EGRESS] != target &&
-	    (target == PS_UNLIMITED || fl->applied[PS_EGRESS] == PS_UNLIMITED ||
-	     !fl->applied[PS_EGRESS] || ps_differs(target, fl->applied[PS_EGRESS]))) {
+	// SO_MAX_PACING_RATE is 32 bits (~34 Gbit/s); above that the bucket backstops.
+	if (target > PS_UNLIMITED)
+		target = PS_UNLIMITED;
+	if (fl->applied != target && (target == PS_UNLIMITED || fl->applied == PS_UNLIMITED ||
+	                              !fl->applied || ps_differs(target, fl->applied))) {
 		val = (int)target; // int-sized: an 8-byte optval is EINVAL
 		if (!bpf_setsockopt(skops, PS_SOL_SOCKET, PS_SO_MAX_PACING_RATE, &val,
 		                    sizeof(val))) {
-			fl->applied[PS_EGRESS] = target;
-			__sync_fetch_and_add(&st->adjusts[PS_EGRESS], 1);
+			fl->applied = target;
+			if (st)
+				__sync_fetch_and_add(&st->adjusts[PS_EGRESS], 1);
 		}
 	}
+	return target != PS_UNLIMITED;
 }
 
 // Hook: sockops (BPF_CGROUP_SOCK_OPS), attached with a bpf_link to each limited cgroup.
@@ -107,11 +152,12 @@ int ps_sockops(struct bpf_sock_ops *skops)
 {
 	struct ps_cgroup *cg = bpf_get_local_storage(&ps_cgroups, 0);
 	struct ps_stats *st = bpf_get_local_storage(&ps_stats, 0);
+	struct ps_peer_key key;
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		if (ps_local_peer(skops))
+		if (ps_peer_of(skops, &key))
 			break;
 		// RTT callbacks re-apply the share on every ACK a sender gets.
 		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_RTT_CB_FLAG);
@@ -119,6 +165,29 @@ int ps_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
 		ps_apply(skops, cg, st);
+		break;
+	}
+	return 1;
+}
+
+// Hook: sockops, attached with a bpf_link to the cgroup v2 root while some cgroup has an
+// ingress limit. Paces senders on this node toward sockets of ingress-limited cgroups (found
+// in ps_peers), so that ingress is shaped at the source without drops. Sockets of limited
+// cgroups run ps_sockops too; both apply the same minimum through ps_flows. Always returns 1.
+SEC("sockops")
+int ps_peer_ops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		// Only flows toward a limited peer get RTT callbacks: the rest of the node pays
+		// one hash lookup per connection.
+		if (ps_apply(skops, NULL, NULL))
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+			                                         BPF_SOCK_OPS_RTT_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_RTT_CB:
+		ps_apply(skops, NULL, NULL);
 		break;
 	}
 	return 1;

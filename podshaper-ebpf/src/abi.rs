@@ -31,7 +31,7 @@ pub struct DirState {
     pub epoch: u32,
     pub flows_cur: u32,
     pub flows_prev: u32,
-    pub pad: u32,
+    pub gain: u32,
 }
 
 /// `struct ps_cgroup`: value of `ps_cgroups`. `lock` is never touched from user space; the
@@ -73,10 +73,27 @@ impl Stats {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Flow {
-    pub applied: [u64; 2],
+    pub applied: u64,
+    pub egress: u64,
+    pub published: u64,
     pub epoch: [u32; 2],
-    pub generation: u32,
-    pub pad: u32,
+}
+
+/// `struct ps_peer_key`: an ingress-limited socket's address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PeerKey {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u16,
+}
+
+/// `struct ps_peer`: that socket's per-flow ingress share.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Peer {
+    pub share: u64,
+    pub updated_ns: u64,
 }
 
 #[cfg(test)]
@@ -98,6 +115,9 @@ mod tests {
         assert_eq!(size_of::<Cgroup>(), c::SIZE_ps_cgroup);
         assert_eq!(size_of::<Stats>(), c::SIZE_ps_stats);
         assert_eq!(size_of::<Flow>(), c::SIZE_ps_flow);
+        assert_eq!(size_of::<PeerKey>(), c::SIZE_ps_peer_key);
+        assert_eq!(size_of::<Peer>(), c::SIZE_ps_peer);
+        assert_eq!(offset_of!(PeerKey, port), c::OFF_ps_peer_key_port);
         assert_eq!(offset_of!(Config, generation), c::OFF_ps_config_generation);
         assert_eq!(offset_of!(DirState, share), c::OFF_ps_dir_state_share);
         assert_eq!(offset_of!(DirState, epoch), c::OFF_ps_dir_state_epoch);

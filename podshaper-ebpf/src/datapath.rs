@@ -3,7 +3,7 @@
 use std::{
     fs::{self, File},
     os::fd::AsFd,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use aya::{
@@ -61,6 +61,8 @@ pub struct CgroupState {
 /// The loaded programs and pinned maps.
 pub struct Datapath {
     pins: Pins,
+    mount: PathBuf,
+    peer_pacing: bool,
     sock_ops: Ebpf,
     cgroup_skb: Ebpf,
     cgroups: MapData,
@@ -88,9 +90,11 @@ impl Datapath {
         };
         let mut sock_ops = load("sock_ops.bpf.o", SOCK_OPS_OBJ)?;
         let mut cgroup_skb = load("cgroup_skb.bpf.o", CGROUP_SKB_OBJ)?;
-        program::<SockOps>(&mut sock_ops, "ps_sockops")?
-            .load()
-            .map_err(|e| prog_err("load ps_sockops", e))?;
+        for name in ["ps_sockops", "ps_peer_ops"] {
+            program::<SockOps>(&mut sock_ops, name)?
+                .load()
+                .map_err(|e| prog_err(&format!("load {name}"), e))?;
+        }
         for name in ["ps_egress", "ps_ingress"] {
             program::<CgroupSkb>(&mut cgroup_skb, name)?
                 .load()
@@ -109,14 +113,29 @@ impl Datapath {
             what: format!("read {what}"),
             source,
         })?;
+        let mount = cgroup::cgroup2_mount()?;
         Ok(Self {
             pins,
+            mount,
+            peer_pacing: true,
             sock_ops,
             cgroup_skb,
             cgroups,
             stats,
             ncpus,
         })
+    }
+
+    /// Whether senders on this node are paced toward ingress-limited sockets (on by default).
+    /// Off, ingress is only policed: what senders on other nodes see. Applies from the next
+    /// change of limits.
+    pub fn set_peer_pacing(&mut self, on: bool) {
+        self.peer_pacing = on;
+    }
+
+    /// Whether senders on this node are paced toward ingress-limited sockets.
+    pub fn peer_pacing(&self) -> bool {
+        self.peer_pacing
     }
 
     /// The pinned-state tree this datapath uses.
@@ -131,11 +150,19 @@ impl Datapath {
         if limits.is_none() {
             return self.remove(cg.id);
         }
-        let dir = self.pins.cgroup_links(cg.id);
-        if !dir.exists() {
-            self.attach(cg, &dir)?;
+        if cg.path == self.mount {
+            return Err(Error::RootCgroup(cg.path.clone()));
         }
-        let mut value = self.read_cgroup(cg.id)?;
+        let dir = self.pins.cgroup_links(cg.id);
+        let mut value = if dir.exists() {
+            self.read_cgroup(cg.id)?
+        } else {
+            self.attach(cg, &dir)?;
+            // The kernel may hand back storage of an earlier attach (shared cgroup storage
+            // lives as long as the cgroup): start from zero state and counters.
+            self.zero_stats(cg.id)?;
+            Cgroup::default()
+        };
         value.config.rate = [limits.egress.unwrap_or(0), limits.ingress.unwrap_or(0)];
         value.config.generation = value.config.generation.wrapping_add(1);
         sys::update(
@@ -149,7 +176,46 @@ impl Datapath {
             source,
         })?;
         debug!(?limits, generation = value.config.generation, "limits written");
-        Ok(())
+        self.sync_peer_link()
+    }
+
+    // Attaches the node-level sender pacing while some cgroup has an ingress limit, and
+    // detaches it when none has: nodes without ingress limits pay nothing for it.
+    fn sync_peer_link(&mut self) -> Result<(), Error> {
+        let mut want = false;
+        if self.peer_pacing {
+            for id in self.limited()? {
+                if self.state(id)?.is_some_and(|s| s.limits.ingress.is_some()) {
+                    want = true;
+                    break;
+                }
+            }
+        }
+        let path = self.pins.peer_link();
+        match (want, path.exists()) {
+            (true, false) => {
+                let root = File::open(&self.mount).map_err(|source| Error::Io {
+                    what: format!("open {}", self.mount.display()),
+                    source,
+                })?;
+                let what = format!("attach ps_peer_ops to {}", self.mount.display());
+                let p = program::<SockOps>(&mut self.sock_ops, "ps_peer_ops")?;
+                let id = p
+                    .attach(root.as_fd(), CgroupAttachMode::Single)
+                    .map_err(|e| prog_err(&what, e))?;
+                let link: FdLink = p
+                    .take_link(id)
+                    .map_err(|e| prog_err(&what, e))?
+                    .try_into()
+                    .map_err(|e| Error::Link {
+                        what: what.clone(),
+                        source: Box::new(e),
+                    })?;
+                pin(link, &path)
+            }
+            (false, true) => pins::remove_tree(&path),
+            _ => Ok(()),
+        }
     }
 
     // Attaches the three programs with links pinned in a staging directory, renamed into
@@ -221,7 +287,8 @@ impl Datapath {
     /// Detaches everything podshaper attached to a cgroup (a no-op if nothing is).
     #[instrument(skip(self))]
     pub fn remove(&mut self, id: u64) -> Result<(), Error> {
-        pins::remove_tree(&self.pins.cgroup_links(id))
+        pins::remove_tree(&self.pins.cgroup_links(id))?;
+        self.sync_peer_link()
     }
 
     /// Ids of the cgroups with pinned links.
@@ -229,9 +296,14 @@ impl Datapath {
         self.pins.pinned_cgroups()
     }
 
-    /// Reads config, state and counters of a limited cgroup. `Ok(None)` when its links are
-    /// pinned but the kernel has no storage for it: the cgroup was removed.
+    /// Reads config, state and counters of a limited cgroup. `Ok(None)` when it is not limited,
+    /// or its links are pinned but the kernel has no storage for it (the cgroup was removed).
     pub fn state(&self, id: u64) -> Result<Option<CgroupState>, Error> {
+        // The kernel keeps shared cgroup storage until the cgroup is released, also after
+        // its programs were detached: only a pinned cgroup is limited.
+        if !self.pins.cgroup_links(id).exists() {
+            return Ok(None);
+        }
         let value = match self.read_cgroup(id) {
             Ok(v) => v,
             Err(Error::Map { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -239,7 +311,7 @@ impl Datapath {
             }
             Err(e) => return Err(e),
         };
-        let stride = std::mem::size_of::<Stats>().div_ceil(8) * 8;
+        let stride = Self::stats_stride();
         let mut buf = vec![0u8; stride * self.ncpus];
         let mut stats = Stats::default();
         if sys::lookup(self.stats.fd().as_fd(), id, &mut buf, 0).is_ok() {
@@ -258,6 +330,19 @@ impl Datapath {
                 value.dir[1].flows_prev.max(value.dir[1].flows_cur),
             ],
         }))
+    }
+
+    fn zero_stats(&self, id: u64) -> Result<(), Error> {
+        let zeros = vec![0u8; Self::stats_stride() * self.ncpus];
+        sys::update(self.stats.fd().as_fd(), id, &zeros, sys::BPF_EXIST).map_err(|source| Error::Map {
+            what: format!("reset counters of cgroup {id}"),
+            source,
+        })
+    }
+
+    // Per-CPU values are laid out at 8-byte strides.
+    fn stats_stride() -> usize {
+        std::mem::size_of::<Stats>().div_ceil(8) * 8
     }
 
     fn read_cgroup(&self, id: u64) -> Result<Cgroup, Error> {

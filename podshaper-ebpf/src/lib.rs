@@ -56,6 +56,8 @@ pub enum Error {
         #[source]
         source: Box<aya::programs::links::LinkError>,
     },
+    #[error("{}: refusing to limit the root cgroup (the whole host); limit a child cgroup", .0.display())]
+    RootCgroup(std::path::PathBuf),
     #[error("BPF object has no program {0}")]
     MissingProgram(String),
     #[error("{0}")]

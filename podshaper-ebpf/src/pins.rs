@@ -4,6 +4,8 @@
 //! ```text
 //! v1/maps/{ps_cgroups,ps_stats,ps_flows}      maps, pinned by name by the loader
 //! v1/links/<cgroup id>/{sockops,egress,ingress} one bpf_link per hook per limited cgroup
+//! v1/peer                                      sock_ops on the cgroup v2 root, while some
+//!                                              cgroup has an ingress limit
 //! ```
 //!
 //! `v1` is the ABI version: a daemon adopts pins of its own version and refuses others.
@@ -51,6 +53,11 @@ impl Pins {
     /// Directory holding one sub-directory of links per limited cgroup.
     pub fn links(&self) -> PathBuf {
         self.versioned().join("links")
+    }
+
+    /// The node-level link that paces senders toward ingress-limited sockets.
+    pub fn peer_link(&self) -> PathBuf {
+        self.versioned().join("peer")
     }
 
     /// Directory of one cgroup's links.
@@ -170,9 +177,15 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Removes a pinned-state tree: links first (detaching them), then maps and directories.
+/// Removes a pin or a tree of pins (a no-op if absent). Unpinning the last reference to a link
+/// detaches it.
 pub fn remove_tree(path: &Path) -> Result<(), Error> {
-    match fs::remove_dir_all(path) {
+    let removed = match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match removed {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(io_err("remove", path, source)),

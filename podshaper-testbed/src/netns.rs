@@ -153,20 +153,12 @@ impl NetnsPair {
         // and stay unique if a caller moves one end to the root namespace.
         let veth_a = format!("{}a", a.name());
         let veth_b = format!("{}b", a.name());
-        run(Command::new("ip").args([
-            "link",
-            "add",
-            &veth_a,
-            "netns",
+        let add = format!(
+            "link add {veth_a} netns {} type veth peer name {veth_b} netns {}",
             a.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &veth_b,
-            "netns",
-            b.name(),
-        ]))?;
+            b.name()
+        );
+        run(Command::new("ip").args(add.split_whitespace()))?;
         let pair = Self { b, a, veth_a, veth_b };
         for (ns, dev, v4, v6) in [
             (&pair.a, &pair.veth_a, Self::A_V4, Self::A_V6),

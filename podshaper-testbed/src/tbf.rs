@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::json;
 
-use crate::{netns::NetnsPair, run, run_with_input, Error};
+use crate::{netns::NetnsPair, run_with_input, Error};
 
 /// The burst containerd's CRI passes for `kubernetes.io/{ingress,egress}-bandwidth`: 2^32-1
 /// bits (512 MiB), i.e. "no burst limit". The plugin accepts it (it refuses bursts of 4 GiB
@@ -128,17 +128,10 @@ impl Drop for Tbf<'_> {
             tracing::warn!(error = %e, "bandwidth plugin DEL failed");
         }
         for parent in ["root", "ingress"] {
-            let _ = run(Command::new("ip").args([
-                "netns",
-                "exec",
-                self.pair.b().name(),
-                "tc",
-                "qdisc",
-                "del",
-                "dev",
-                self.pair.veth_b(),
-                parent,
-            ]));
+            let _ = self
+                .pair
+                .b()
+                .run("tc", &["qdisc", "del", "dev", self.pair.veth_b(), parent]);
         }
     }
 }

@@ -33,6 +33,10 @@ enum Command {
         /// bpffs directory for podshaper's pinned programs, maps and links.
         #[arg(long, env = "PODSHAPER_BPFFS", default_value = DEFAULT_ROOT)]
         bpffs: PathBuf,
+        /// Do not pace senders on this node toward ingress-limited cgroups (a sock_ops
+        /// program on the cgroup v2 root); ingress is then only policed.
+        #[arg(long, env = "PODSHAPER_NO_PEER_PACING")]
+        no_peer_pacing: bool,
     },
     /// Set or change the limits of a cgroup v2 directory and everything below it. Applies
     /// live; a direction not given keeps its limit, `none` removes it.
@@ -104,10 +108,14 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;
     match cli.command {
-        Command::Daemon { bpffs } => {
+        Command::Daemon {
+            bpffs,
+            no_peer_pacing,
+        } => {
             rt.block_on(podshaper_daemon::run(podshaper_daemon::Options {
                 socket: cli.socket,
                 bpffs_root: bpffs,
+                peer_pacing: !no_peer_pacing,
             }))?;
         }
         Command::Limit {

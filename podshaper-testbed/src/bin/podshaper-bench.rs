@@ -159,8 +159,12 @@ fn run(args: Args) -> Result<()> {
         None
     };
     let started = Instant::now();
-    let header = header(&args, secs)?;
-    print!("{header}");
+    let info = RunInfo::collect()?;
+    let method = method(&args, secs);
+    for line in info.lines().iter().chain(&method) {
+        println!("{line}");
+    }
+    println!();
 
     let mut results = Table::new([
         "shaper",
@@ -206,7 +210,13 @@ fn run(args: Args) -> Result<()> {
     }
 
     let overhead = match (&mut datapath, args.no_overhead) {
-        (Some(dp), false) if !INTERRUPTED.load(Ordering::SeqCst) => Some(overhead(&pair, dp, &args, secs)?),
+        (Some(dp), false) if !INTERRUPTED.load(Ordering::SeqCst) => match overhead(&pair, dp, &args, secs) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("overhead failed: {e:#}");
+                None
+            }
+        },
         _ => None,
     };
 
@@ -219,24 +229,14 @@ fn run(args: Args) -> Result<()> {
         println!("{}", t.to_text());
     }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
-    if let Some(path) = &args.markdown {
-        let mut md = String::new();
-        for line in header.lines().filter(|l| !l.is_empty()) {
-            writeln!(md, "- {line}")?;
-        }
-        writeln!(md, "\n{}", results.to_markdown())?;
-        if let Some(t) = &overhead {
-            writeln!(
-                md,
-                "Overhead: TCP cubic, limit {} both ways vs no program.\n",
-                rate(HIGH_LIMIT as f64)
-            )?;
-            writeln!(md, "{}", t.to_markdown())?;
-        }
-        std::fs::write(path, md).with_context(|| format!("write {}", path.display()))?;
-    }
     if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted: the tables above are partial");
+        // A partial run must not replace the last complete document.
+        bail!("interrupted: the tables above are partial, no Markdown written");
+    }
+    if let Some(path) = &args.markdown {
+        let md = markdown(&info, &method, &results, overhead.as_ref())?;
+        std::fs::write(path, md).with_context(|| format!("write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
     }
     Ok(())
 }
@@ -490,47 +490,134 @@ fn rate(bps: f64) -> String {
     format!("{}{unit}", s.trim_end_matches(".0"))
 }
 
-fn header(args: &Args, secs: u32) -> Result<String> {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").context("read kernel release")?;
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpus = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .and_then(|r| r.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
+/// Where and when the bench ran.
+struct RunInfo {
+    command: String,
+    kernel: String,
+    cpus: String,
+    date: String,
+}
+
+impl RunInfo {
+    fn collect() -> Result<Self> {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").context("read kernel release")?;
+        let date = std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let n = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+        let model = cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|(_, m)| m.trim().to_string())
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            kernel: format!("{} (uname -r)", kernel.trim()),
+            cpus: format!("{n} x {model}"),
+            date,
         })
-        .unwrap_or_default();
-    let command: Vec<String> = std::env::args().collect();
-    let mut h = String::new();
-    writeln!(h, "command: {}", command.join(" "))?;
-    writeln!(h, "kernel: {} (uname -r), {cpus} CPUs {model}", kernel.trim())?;
-    writeln!(h, "date: {date}")?;
+    }
+
+    fn lines(&self) -> Vec<String> {
+        vec![
+            format!("command: {}", self.command),
+            format!("kernel: {}", self.kernel),
+            format!("CPUs: {}", self.cpus),
+            format!("date: {}", self.date),
+        ]
+    }
+}
+
+/// How the numbers were made and what they count, one line each.
+fn method(args: &Args, secs: u32) -> Vec<String> {
+    vec![
+        format!(
+            "lab: namespaces A (the pod) and B (its peer, the node side) joined by a veth pair, MTU 1500, \
+             IPv4; per case a fresh cgroup, iperf3 -c in A inside it against a one-off iperf3 -s in B; \
+             {secs} s per case, 100 ms report intervals"
+        ),
+        "podshaper: the podshaper-ebpf datapath (private pins), egress and ingress limit = target on the \
+         case's cgroup"
+            .into(),
+        format!(
+            "tbf-cni: the bandwidth CNI plugin run as a container runtime runs it (host veth in B, pod \
+             interface in A), ingressRate = egressRate = target, burst {} bits (containerd passes 2^32-1); \
+             TBF counts L2 bytes and its bucket starts full",
+            args.tbf_burst
+        ),
+        "achieved: L3 bytes/s at the receiver over the whole test (IP header + payload of every \
+         segment, from goodput: TCP x1500/1448, UDP x1428/1400); goodput: payload only; steady: \
+         mean L3 rate after the first second; worst100ms: highest 100 ms L3 rate after the first second"
+            .into(),
+        "egress = the pod sends, ingress = the pod receives (iperf3 -R); UDP: 1400-byte datagrams \
+         offered at 2x target in total, the last column is the share of sent bytes that never arrived"
+            .into(),
+        "anchor: the overhead table's \"no program\" column is the unshaped throughput of the same lab \
+         in the same run"
+            .into(),
+    ]
+}
+
+/// The whole of docs/benchmarks.md: `make bench` regenerates it.
+fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option<&Table>) -> Result<String> {
+    let mut md = String::new();
+    writeln!(md, "# Benchmarks\n")?;
     writeln!(
-        h,
-        "lab: namespaces A (the pod) and B joined by a veth pair, MTU 1500, IPv4; the iperf3 client runs in A in a fresh cgroup per case, the server in B; {secs} s per case, 100 ms intervals"
+        md,
+        "<!-- Written by podshaper-bench --markdown: regenerate with `sudo make bench`, do not edit. -->\n"
     )?;
     writeln!(
-        h,
-        "shapers: podshaper = cgroup BPF datapath, egress and ingress limit = target; tbf-cni = bandwidth CNI plugin, ingressRate = egressRate = target, burst {} bits (containerd: 2^32-1), TBF counts L2 bytes",
-        args.tbf_burst
+        md,
+        "podshaper against TBF as Kubernetes sets it up (the bandwidth CNI plugin with containerd's \
+         burst), each holding one pod to a limit, on the same machine in the same run. The bench is \
+         `podshaper-testbed/src/bin/podshaper-bench.rs`; `sudo make bench` runs the full matrix \
+         (about 15 minutes), `BENCH_ARGS=--quick` a small one.\n"
     )?;
+    writeln!(md, "## Run\n")?;
+    for line in info.lines() {
+        writeln!(md, "- {line}")?;
+    }
+    writeln!(md, "\n## Method\n")?;
+    for line in method {
+        writeln!(md, "- {line}")?;
+    }
+    writeln!(md, "\n## Reading the tables\n")?;
     writeln!(
-        h,
-        "achieved: L3 bytes/s at the receiver (IP header + payload of every segment, from goodput: TCP x1500/1448, UDP x1428/1400) over the whole test; goodput: payload only; steady: mean after the first second; worst100ms: highest 100 ms receiver interval after the first second (L3)"
+        md,
+        "- A limit holds when achieved/target and worst100ms/target are close to 1. Below 1 the pod \
+         gets less than it is allowed; above 1 the limit leaks.\n\
+         - tbf-cni's achieved/target is far above 1 at low rates because containerd's burst gives the \
+         TBF a 512 MiB bucket (193 MB at 10M, where the plugin's arithmetic wraps), and a new bucket \
+         starts full: the first few hundred megabytes pass at line rate. steady/target shows the \
+         shaped rate once the bucket is empty; UDP at 2x target never empties it within a case, so \
+         it passes unshaped. The same burst sizes TBF's queue (rate x 25 ms + \
+         burst), so at low rates packets wait for seconds: at 10M with 32 flows iperf3's final \
+         exchange waits behind tens of seconds of queued data.\n\
+         - podshaper has no queue: TCP is paced at the sender (egress) and everything else is \
+         policed by a token bucket, so UDP loss is what exceeds the limit, and received TCP \
+         (ingress) is policed by drops. See [how it works](how-it-works.md).\n"
     )?;
-    writeln!(
-        h,
-        "egress = the pod sends, ingress = the pod receives (iperf3 -R); UDP is offered at 2x target; for UDP the last column is the receiver's loss"
-    )?;
-    writeln!(h)?;
-    Ok(h)
+    writeln!(md, "## Results\n")?;
+    writeln!(md, "{}", results.to_markdown())?;
+    if let Some(t) = overhead {
+        writeln!(md, "## Overhead\n")?;
+        writeln!(
+            md,
+            "TCP cubic between the namespaces with podshaper attached and limiting at {} both ways \
+             (nothing is shaped) against the same cgroup without programs. ns/run is the kernel's \
+             bpf_stats (run_time_ns / run_cnt) of each program, measured in a separate run because \
+             timing every run costs too.\n",
+            rate(HIGH_LIMIT as f64)
+        )?;
+        writeln!(md, "{}", t.to_markdown())?;
+    }
+    Ok(md)
 }
 
 #[cfg(test)]
