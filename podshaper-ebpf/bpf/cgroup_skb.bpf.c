@@ -29,6 +29,7 @@ struct ps_pkt {
 	__u32 hdrlen; // L3 + L4 header bytes of one segment
 	__u32 wire; // L3 bytes on the wire, every GSO segment with its headers
 	__u8 tcp;
+	__u8 udp;
 	__u8 syn;
 	__u8 payload;
 	__u8 ect;
@@ -41,6 +42,7 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 
 	p->hdrlen = 0;
 	p->tcp = 0;
+	p->udp = 0;
 	p->syn = 0;
 	p->payload = 0;
 	p->ect = 0;
@@ -79,6 +81,7 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 			p->dst.port = bpf_ntohs(th.dest);
 		}
 	} else if (proto == IPPROTO_UDP) {
+		p->udp = 1;
 		p->hdrlen = l3 + 8;
 	}
 out:
@@ -113,13 +116,17 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	if (!rate)
 		goto count;
 
-	if (p.tcp && p.payload && skb->sk) {
+	// TCP and UDP sockets that move data count as flows: TCP for its share, both for the
+	// depth of the bucket.
+	if ((p.tcp || p.udp) && p.payload && skb->sk) {
 		struct bpf_sock *sk = bpf_sk_fullsock(skb->sk);
 
 		if (sk)
 			fl = bpf_sk_storage_get(&ps_flows, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	}
-	// Bucket depth: 5 ms at the limit for policing, 20 ms of debt before TCP is signalled.
+	// Bucket depth: 5 ms at the limit, and (below, once the flows are known) at least two
+	// packets per active flow, so that flows whose packets arrive together (timers firing at
+	// once) are not starved. TCP is signalled only past 20 ms of debt.
 	burst = ps_max(rate / 200, 3 * 1514);
 	depth = ps_max(rate / 50, 64 * 1024);
 	now = bpf_ktime_get_ns();
@@ -142,13 +149,17 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		d->epoch_start_ns = now;
 		d->epoch_bytes = 0;
 	}
-	elapsed = now - d->refill_ns;
-	if (elapsed > PS_NSEC)
-		elapsed = PS_NSEC;
-	d->tokens += ps_bytes_in(rate, elapsed);
+	burst = ps_max(burst, 2 * 1514 * (__u64)ps_max(d->flows_cur, d->flows_prev));
+	// `now` was read before the lock: another CPU may have refilled with a later time.
+	if ((__s64)(now - d->refill_ns) > 0) {
+		elapsed = now - d->refill_ns;
+		if (elapsed > PS_NSEC)
+			elapsed = PS_NSEC;
+		d->tokens += ps_bytes_in(rate, elapsed);
+		d->refill_ns = now;
+	}
 	if (d->tokens > (__s64)burst)
 		d->tokens = burst;
-	d->refill_ns = now;
 	ps_roll_epoch(d, rate, now);
 
 	// A connection being set up (ingress SYN) or a flow's first data in this epoch: it counts

@@ -107,7 +107,8 @@ static __always_inline void ps_roll_epoch(struct ps_dir_state *d, __u64 rate, __
 	__u64 elapsed = now - d->epoch_start_ns;
 	__u64 measured, gain, max;
 
-	if (elapsed < PS_EPOCH_NS)
+	// Signed: `now` may lag the epoch start set by another CPU.
+	if ((__s64)elapsed < (__s64)PS_EPOCH_NS)
 		return;
 	measured = d->epoch_bytes * PS_NSEC / elapsed;
 	gain = d->gain ? d->gain : PS_GAIN_ONE;
