@@ -54,12 +54,15 @@ pub fn enable_stats() -> Result<StatsEnabled, Error> {
 /// Statistics of one program attached to a cgroup.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProgStats {
+    /// Kernel program id.
     pub id: u32,
+    /// Program name (16 characters at most).
     pub name: String,
     /// bpftool's attach type, e.g. `cgroup_inet_egress`, `sock_ops`.
     pub attach_type: String,
-    /// Total time spent in the program and number of runs since load (while stats were on).
+    /// Total time spent in the program since load, while stats were on.
     pub run_time_ns: u64,
+    /// Number of runs counted in `run_time_ns`.
     pub run_cnt: u64,
 }
 

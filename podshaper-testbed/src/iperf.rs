@@ -24,6 +24,7 @@ pub const DEFAULT_PORT: u16 = 5201;
 /// How a server runs.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
+    /// Port to listen on (`-p`).
     pub port: u16,
     /// Exit after one test (`-1`); otherwise serve until dropped.
     pub one_off: bool,
@@ -135,8 +136,11 @@ pub enum Traffic {
 /// How a client runs.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
+    /// Address of the server.
     pub server: IpAddr,
+    /// Port of the server (`-p`).
     pub port: u16,
+    /// Protocol and offered load.
     pub traffic: Traffic,
     /// Parallel flows (`-P`).
     pub flows: u32,
@@ -271,7 +275,9 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String
 /// Transport protocol of a test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
+    /// `-u` was not given.
     Tcp,
+    /// `-u`.
     Udp,
 }
 
@@ -280,6 +286,7 @@ pub enum Protocol {
 pub struct Interval {
     /// Seconds since the start of the test.
     pub start: f64,
+    /// Seconds since the start of the test.
     pub end: f64,
     /// Goodput (payload bits per second) in this interval.
     pub bits_per_second: f64,
@@ -288,6 +295,7 @@ pub struct Interval {
 /// The numbers of one iperf3 test that the labs use.
 #[derive(Clone, Debug, PartialEq)]
 pub struct IperfReport {
+    /// TCP or UDP.
     pub protocol: Protocol,
     /// Whether the client received (`-R`).
     pub reverse: bool,
@@ -295,14 +303,16 @@ pub struct IperfReport {
     pub received_bps: f64,
     /// Mean goodput the sender pushed (`end.sum_sent`).
     pub sent_bps: f64,
-    /// Payload bytes sent and received over the whole test.
+    /// Payload bytes sent over the whole test.
     pub sent_bytes: u64,
+    /// Payload bytes received over the whole test.
     pub received_bytes: u64,
     /// TCP retransmissions of the sender, whichever side sent.
     pub retransmits: Option<u64>,
     /// UDP datagrams expected and lost as iperf3's receiver counts them: from sequence gaps
     /// up to the highest number seen per flow, so a flow starved for good is undercounted.
     pub packets: Option<u64>,
+    /// UDP datagrams lost by the same count.
     pub lost_packets: Option<u64>,
     /// Congestion control of the sender (TCP).
     pub congestion: Option<String>,
@@ -405,7 +415,9 @@ impl IperfReport {
 /// payload of every packet) that podshaper limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct L3 {
+    /// Payload bytes per packet (MSS, datagram length).
     pub payload: u32,
+    /// IP and transport header bytes per packet.
     pub header: u32,
 }
 

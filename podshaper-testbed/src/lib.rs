@@ -28,24 +28,30 @@ pub use tbf::Tbf;
 /// Errors of the labs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A file, process or syscall operation failed.
     #[error("{what}: {source}")]
     Io {
         what: String,
         #[source]
         source: std::io::Error,
     },
+    /// An external command (ip, tc, bpftool, a CNI plugin) exited with an error.
     #[error("{command}: {status}: {stderr}")]
     Command {
         command: String,
         status: std::process::ExitStatus,
         stderr: String,
     },
+    /// An external command did not finish in time.
     #[error("{command}: no result after {secs} s")]
     Timeout { command: String, secs: u64 },
+    /// A tool's output was not what the lab expects.
     #[error("parse {what}: {why}")]
     Parse { what: String, why: String },
+    /// iperf3 reported an error (connection refused, bad option, ...).
     #[error("iperf3: {0}")]
     Iperf(String),
+    /// The podshaper datapath failed.
     #[error(transparent)]
     Datapath(#[from] podshaper_ebpf::Error),
 }

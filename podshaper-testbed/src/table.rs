@@ -3,7 +3,9 @@
 /// A table of strings with a header row. Cells that look numeric are right-aligned.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Table {
+    /// Column names.
     pub header: Vec<String>,
+    /// Rows, each as long as the header.
     pub rows: Vec<Vec<String>>,
 }
 

@@ -118,6 +118,8 @@ const G: u64 = 1_000_000_000;
 const UDP_LEN: u32 = 1400;
 /// Overhead runs limit at this rate: far above what the veth carries, so nothing is shaped.
 const HIGH_LIMIT: u64 = 40 * G;
+/// Runs per side of an overhead row.
+const OVERHEAD_RUNS: usize = 3;
 /// Intervals before this (seconds) are slow start and bucket bursts, not steady state.
 const SKIP_SECS: f64 = 1.0;
 
@@ -223,7 +225,7 @@ fn run(args: Args) -> Result<()> {
     println!("{}", results.to_text());
     if let Some(t) = &overhead {
         println!(
-            "Overhead: TCP cubic, limit {} both ways vs no program\n",
+            "Overhead: TCP cubic, limit {} both ways vs no program, median of {OVERHEAD_RUNS} runs\n",
             rate(HIGH_LIMIT as f64)
         );
         println!("{}", t.to_text());
@@ -420,21 +422,22 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
                 reverse: dir == Dir::Ingress,
                 ..ClientOptions::new(NetnsPair::B_V4.into())
             };
-            let base = {
-                let cg = Cgroup::new("bench-base")?;
-                measure(pair, &cg, &client)?
-            };
             let limits = Limits {
                 egress: Some(HIGH_LIMIT),
                 ingress: Some(HIGH_LIMIT),
             };
-            let shaped = {
+            // Alternating runs, median of each: a shared machine drifts by tens of percent.
+            let (mut base, mut shaped) = (Vec::new(), Vec::new());
+            for _ in 0..OVERHEAD_RUNS {
+                let cg = Cgroup::new("bench-base")?;
+                base.push(measure(pair, &cg, &client)?.received_bps);
                 let cg = Cgroup::new("bench-high")?;
                 dp.set(&cg.dir()?, limits)?;
                 let r = measure(pair, &cg, &client);
                 dp.remove(cg.id())?;
-                r?
-            };
+                shaped.push(r?.received_bps);
+            }
+            let (base, shaped) = (median(&mut base), median(&mut shaped));
             let (egress, ingress, sockops) = {
                 let cg = Cgroup::new("bench-stats")?;
                 dp.set(&cg.dir()?, limits)?;
@@ -449,14 +452,13 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
                 dp.remove(cg.id())?;
                 r?
             };
-            let gbit = |r: &IperfReport| r.received_bps / 1e9;
-            eprintln!("{:.2} vs {:.2} Gbit/s", gbit(&base), gbit(&shaped));
+            eprintln!("{:.2} vs {:.2} Gbit/s", base / 1e9, shaped / 1e9);
             t.push([
                 dir.name().to_string(),
                 f.to_string(),
-                format!("{:.2}", gbit(&base)),
-                format!("{:.2}", gbit(&shaped)),
-                format!("{:.2}", shaped.received_bps / base.received_bps),
+                format!("{:.2}", base / 1e9),
+                format!("{:.2}", shaped / 1e9),
+                format!("{:.2}", shaped / base),
                 egress,
                 ingress,
                 sockops,
@@ -464,6 +466,11 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
         }
     }
     Ok(t)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 // `kind` matches bpftool's attach type: cgroup_inet_egress, cgroup_inet_ingress, sock_ops.
@@ -493,6 +500,7 @@ fn rate(bps: f64) -> String {
 /// Where and when the bench ran.
 struct RunInfo {
     command: String,
+    revision: String,
     kernel: String,
     cpus: String,
     date: String,
@@ -516,8 +524,23 @@ impl RunInfo {
                     .map(|(_, m)| m.trim().to_string())
             })
             .unwrap_or_default();
+        // The source tree this binary was built from, if it is a git checkout.
+        let revision = std::process::Command::new("git")
+            .args([
+                "-C",
+                env!("CARGO_MANIFEST_DIR"),
+                "describe",
+                "--always",
+                "--dirty",
+            ])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
         Ok(Self {
             command: std::env::args().collect::<Vec<_>>().join(" "),
+            revision,
             kernel: format!("{} (uname -r)", kernel.trim()),
             cpus: format!("{n} x {model}"),
             date,
@@ -527,6 +550,7 @@ impl RunInfo {
     fn lines(&self) -> Vec<String> {
         vec![
             format!("command: {}", self.command),
+            format!("podshaper: git {}", self.revision),
             format!("kernel: {}", self.kernel),
             format!("CPUs: {}", self.cpus),
             format!("date: {}", self.date),
@@ -577,7 +601,7 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
         "podshaper against TBF as Kubernetes sets it up (the bandwidth CNI plugin with containerd's \
          burst), each holding one pod to a limit, on the same machine in the same run. The bench is \
          `podshaper-testbed/src/bin/podshaper-bench.rs`; `sudo make bench` runs the full matrix \
-         (about 15 minutes), `BENCH_ARGS=--quick` a small one.\n"
+         (about 20 minutes), `BENCH_ARGS=--quick` a small one.\n"
     )?;
     writeln!(md, "## Run\n")?;
     for line in info.lines() {
@@ -595,13 +619,12 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
          - tbf-cni's achieved/target is far above 1 at low rates because containerd's burst gives the \
          TBF a 512 MiB bucket (193 MB at 10M, where the plugin's arithmetic wraps), and a new bucket \
          starts full: the first few hundred megabytes pass at line rate. steady/target shows the \
-         shaped rate once the bucket is empty; UDP at 2x target never empties it within a case, so \
-         it passes unshaped. The same burst sizes TBF's queue (rate x 25 ms + \
-         burst), so at low rates packets wait for seconds: at 10M with 32 flows iperf3's final \
+         shaped rate once the bucket is empty; UDP at 2x target drains it by only 1x target, too \
+         slowly to empty it within a case below 1G, so it passes unshaped. The same burst sizes \
+         TBF's queue (rate x 25 ms + burst), so at low rates packets wait for seconds: at 10M with 32 flows iperf3's final \
          exchange waits behind tens of seconds of queued data.\n\
-         - podshaper has no queue: TCP is paced at the sender (egress) and everything else is \
-         policed by a token bucket, so UDP loss is what exceeds the limit, and received TCP \
-         (ingress) is policed by drops. See [how it works](how-it-works.md).\n"
+         - podshaper holds no queue: TCP is paced, other traffic is policed, so UDP's loss is the \
+         share offered above the limit. See [how it works](how-it-works.md).\n"
     )?;
     writeln!(md, "## Results\n")?;
     writeln!(md, "{}", results.to_markdown())?;
@@ -610,9 +633,10 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
         writeln!(
             md,
             "TCP cubic between the namespaces with podshaper attached and limiting at {} both ways \
-             (nothing is shaped) against the same cgroup without programs. ns/run is the kernel's \
-             bpf_stats (run_time_ns / run_cnt) of each program, measured in a separate run because \
-             timing every run costs too.\n",
+             (nothing is shaped) against the same cgroup without programs, median of \
+             {OVERHEAD_RUNS} alternating runs each. ns/run is the kernel's bpf_stats (run_time_ns / \
+             run_cnt) of each program, measured in a separate run because timing every run costs \
+             too.\n",
             rate(HIGH_LIMIT as f64)
         )?;
         writeln!(md, "{}", t.to_markdown())?;
