@@ -615,7 +615,10 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
     writeln!(
         md,
         "- A limit holds when achieved/target and worst100ms/target are close to 1. Below 1 the pod \
-         gets less than it is allowed; above 1 the limit leaks.\n\
+         gets less than it is allowed; above 1 the limit leaks. worst100ms comes from iperf3's \
+         receiver intervals, which count what the application read: iperf3 reads up to 128 KB at \
+         a time, 100 ms of traffic at 10M, so at low rates one interval can show two intervals' \
+         data; treat worst100ms below 100M as an upper bound.\n\
          - tbf-cni's achieved/target is far above 1 at low rates because containerd's burst gives the \
          TBF a 512 MiB bucket (193 MB at 10M, where the plugin's arithmetic wraps), and a new bucket \
          starts full: the first few hundred megabytes pass at line rate. steady/target shows the \
