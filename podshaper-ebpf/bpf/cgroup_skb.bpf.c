@@ -166,17 +166,20 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	// as active, and a flow beyond last epoch's count shrinks everyone's share at once. The
 	// epoch controller hands unused share back later.
 	if ((dir == PS_INGRESS && p.syn) || (fl && fl->epoch[dir] != d->epoch + 1)) {
-		if (fl && !p.syn)
+		if (fl && !p.syn) {
 			fl->epoch[dir] = d->epoch + 1;
+			refresh = 1;
+		}
 		d->flows_cur++;
 		if (d->flows_cur > d->flows_prev)
 			ps_set_share(d, rate);
 	}
 	// Republish this socket's ingress share when it changed (a flow joined or left, an epoch
-	// ended) or on a SYN, so that senders on this node re-pace at their next ACK.
+	// ended), on a SYN, and once per epoch so that the entry never ages past PS_PEER_TTL_NS
+	// while the flow moves data: senders on this node re-pace at their next ACK.
 	if (dir == PS_INGRESS && p.tcp) {
 		share = d->share ? d->share : rate;
-		refresh = p.syn || (fl && fl->published != share);
+		refresh = refresh || p.syn || (fl && fl->published != share);
 		if (fl)
 			fl->published = share;
 	}
