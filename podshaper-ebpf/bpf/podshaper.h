@@ -59,8 +59,8 @@ struct ps_stats {
 	__u64 drops[2];
 	// Congestion signals: CN on egress (pass or drop), CE marks on ingress.
 	__u64 marks[2];
-	// Pacing-rate changes sock_ops made on the cgroup's sockets (counted in [PS_EGRESS]; [PS_INGRESS]
-	// is kept for the layout and stays 0).
+	// Pacing-rate changes sock_ops made on the cgroup's sockets, in [PS_EGRESS];
+	// [PS_INGRESS] is kept for the layout and stays 0.
 	__u64 adjusts[2];
 };
 
