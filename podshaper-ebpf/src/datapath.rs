@@ -50,11 +50,9 @@ impl Limits {
 pub struct CgroupState {
     pub id: u64,
     pub limits: Limits,
-    pub generation: u32,
     /// Counters summed over CPUs.
     pub stats: Stats,
-    /// Controller state: per-flow share (L3 bytes/s) and active flows, per direction.
-    pub share: [u64; 2],
+    /// TCP flows that moved data in the current or last epoch, per direction.
     pub flows: [u32; 2],
 }
 
@@ -322,9 +320,7 @@ impl Datapath {
         Ok(Some(CgroupState {
             id,
             limits: Limits::from_config(&value.config),
-            generation: value.config.generation,
             stats,
-            share: [value.dir[0].share, value.dir[1].share],
             flows: [
                 value.dir[0].flows_prev.max(value.dir[0].flows_cur),
                 value.dir[1].flows_prev.max(value.dir[1].flows_cur),

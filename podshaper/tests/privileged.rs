@@ -22,15 +22,20 @@ use podshaper_testbed::{
     Traffic, L3,
 };
 
-fn privileged(test: &str) -> Option<MutexGuard<'static, ()>> {
+fn privileged() -> Option<MutexGuard<'static, ()>> {
     static LOCK: Mutex<()> = Mutex::new(());
+    // The test harness names each test's thread after the test.
+    let current = thread::current();
+    let test = current.name().unwrap_or("a privileged test");
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
             "{test}: privileged tests must run as root under CI"
         );
-        eprintln!("SKIPPED {test}: needs root (loads BPF, makes cgroups and network namespaces); run `sudo make test`");
+        eprintln!(
+            "SKIPPED {test}: needs root (loads BPF, makes cgroups and network namespaces); run `sudo make test`"
+        );
         return None;
     }
     Some(LOCK.lock().unwrap_or_else(|e| e.into_inner()))
@@ -109,9 +114,7 @@ fn assert_within(what: &str, got: f64, lo: f64, hi: f64) {
 
 #[test]
 fn egress_tcp_is_held_to_the_limit_for_one_and_many_flows() {
-    let Some(_g) = privileged("egress_tcp_is_held_to_the_limit_for_one_and_many_flows") else {
-        return;
-    };
+    let Some(_g) = privileged() else { return };
     let mut lab = Lab::new("egress-tcp");
     lab.limit(Some(20 * M), None);
     for flows in [1, 8] {
@@ -136,9 +139,7 @@ fn egress_tcp_is_held_to_the_limit_for_one_and_many_flows() {
 
 #[test]
 fn egress_is_limited_over_ipv6() {
-    let Some(_g) = privileged("egress_is_limited_over_ipv6") else {
-        return;
-    };
+    let Some(_g) = privileged() else { return };
     let mut lab = Lab::new("ipv6");
     lab.limit(Some(30 * M), None);
     let r = lab.iperf(IpAddr::V6(NetnsPair::B_V6), tcp(), 2, 4, false);
@@ -147,9 +148,7 @@ fn egress_is_limited_over_ipv6() {
 
 #[test]
 fn udp_is_policed_both_ways() {
-    let Some(_g) = privileged("udp_is_policed_both_ways") else {
-        return;
-    };
+    let Some(_g) = privileged() else { return };
     let mut lab = Lab::new("udp");
     lab.limit(Some(20 * M), Some(20 * M));
     let flood = Traffic::Udp {
@@ -179,9 +178,7 @@ fn udp_is_policed_both_ways() {
 
 #[test]
 fn ingress_tcp_from_this_node_is_paced_without_retransmits() {
-    let Some(_g) = privileged("ingress_tcp_from_this_node_is_paced_without_retransmits") else {
-        return;
-    };
+    let Some(_g) = privileged() else { return };
     let mut lab = Lab::new("ingress-tcp");
     lab.limit(None, Some(50 * M));
     assert!(
@@ -210,9 +207,7 @@ fn ingress_tcp_from_this_node_is_paced_without_retransmits() {
 
 #[test]
 fn ingress_tcp_is_policed_when_the_sender_is_not_paced() {
-    let Some(_g) = privileged("ingress_tcp_is_policed_when_the_sender_is_not_paced") else {
-        return;
-    };
+    let Some(_g) = privileged() else { return };
     let mut lab = Lab::new("ingress-police");
     // What a sender on another node meets.
     lab.dp.set_peer_pacing(false);
@@ -225,9 +220,7 @@ fn ingress_tcp_is_policed_when_the_sender_is_not_paced() {
 
 #[test]
 fn limit_changes_apply_live_to_established_flows() {
-    let Some(_g) = privileged("limit_changes_apply_live_to_established_flows") else {
-        return;
-    };
+    let Some(_g) = privileged() else { return };
     let Lab { pair, pod, mut dp } = Lab::new("live");
     let dir = pod.dir().expect("cgroup dir");
     dp.set(
@@ -267,9 +260,7 @@ fn limit_changes_apply_live_to_established_flows() {
 
 #[test]
 fn loopback_is_neither_limited_nor_counted() {
-    let Some(_g) = privileged("loopback_is_neither_limited_nor_counted") else {
-        return;
-    };
+    let Some(_g) = privileged() else { return };
     let mut lab = Lab::new("loopback");
     lab.limit(Some(10 * M), Some(10 * M));
     let _server = IperfServer::start(lab.pair.a(), None, &ServerOptions::default()).expect("iperf3 server");
@@ -296,9 +287,7 @@ fn loopback_is_neither_limited_nor_counted() {
 
 #[test]
 fn more_flows_child_cgroups_and_udp_floods_do_not_escape() {
-    let Some(_g) = privileged("more_flows_child_cgroups_and_udp_floods_do_not_escape") else {
-        return;
-    };
+    let Some(_g) = privileged() else { return };
     let mut lab = Lab::new("escape");
     lab.limit(Some(20 * M), None);
     // A process in a child cgroup (a container of the pod) is under the pod's limit.
@@ -331,9 +320,7 @@ fn attached_programs(cgroup: &Path) -> usize {
 
 #[test]
 fn remove_and_reset_leave_no_programs_links_or_pins() {
-    let Some(_g) = privileged("remove_and_reset_leave_no_programs_links_or_pins") else {
-        return;
-    };
+    let Some(_g) = privileged() else { return };
     let mut lab = Lab::new("cleanup");
     let other = Cgroup::new("cleanup-other").expect("cgroup");
     lab.limit(Some(10 * M), Some(10 * M));
@@ -374,9 +361,7 @@ fn remove_and_reset_leave_no_programs_links_or_pins() {
 
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {
-    let Some(_g) = privileged("bad_input_is_refused_and_changes_nothing") else {
-        return;
-    };
+    let Some(_g) = privileged() else { return };
     let mut lab = Lab::new("badinput");
     lab.limit(Some(10 * M), None);
     let mount = podshaper_ebpf::cgroup::cgroup2_mount().expect("cgroup2 mount");
@@ -396,9 +381,7 @@ fn bad_input_is_refused_and_changes_nothing() {
 
 #[test]
 fn removed_cgroups_are_collected() {
-    let Some(_g) = privileged("removed_cgroups_are_collected") else {
-        return;
-    };
+    let Some(_g) = privileged() else { return };
     let mut dp = TempDatapath::load("gc").expect("load datapath");
     let cg = Cgroup::new("gc").expect("cgroup");
     let id = cg.id();
@@ -418,9 +401,7 @@ fn removed_cgroups_are_collected() {
 
 #[test]
 fn pins_of_another_abi_version_are_refused() {
-    let Some(_g) = privileged("pins_of_another_abi_version_are_refused") else {
-        return;
-    };
+    let Some(_g) = privileged() else { return };
     let dp = TempDatapath::load("abi").expect("load datapath");
     let foreign = dp.root().join("v99");
     std::fs::create_dir(&foreign).expect("make v99");
@@ -478,9 +459,7 @@ fn cli(socket: &Path, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn limits_survive_a_daemon_restart() {
-    let Some(_g) = privileged("limits_survive_a_daemon_restart") else {
-        return;
-    };
+    let Some(_g) = privileged() else { return };
     let tmp = std::env::temp_dir().join(format!("podshaper-test-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("tmp dir");
     let socket = tmp.join("podshaper.sock");
