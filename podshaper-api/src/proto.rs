@@ -33,6 +33,10 @@ pub enum Request {
         egress: Change,
         #[serde(default)]
         ingress: Change,
+        /// What `status` calls the cgroup, e.g. the pod's namespace/name. Kept in memory: its
+        /// owner sets it again after a daemon restart.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
     },
     /// Remove every program, link and map entry of a cgroup.
     Unlimit { cgroup: PathBuf },
@@ -52,6 +56,9 @@ pub struct CgroupStatus {
     pub cgroup: PathBuf,
     /// The kernel's cgroup id.
     pub id: u64,
+    /// The name given with the limit (for pods: namespace/name), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub egress: DirectionStatus,
     pub ingress: DirectionStatus,
 }
@@ -99,6 +106,7 @@ mod tests {
             cgroup: "/sys/fs/cgroup/x".into(),
             egress: Change::Set(Rate::parse_quantity("10M").unwrap()),
             ingress: Change::Keep,
+            name: None,
         };
         let line = serde_json::to_string(&r).unwrap();
         assert!(!line.contains('\n'));
@@ -121,7 +129,8 @@ mod tests {
             Request::Limit {
                 cgroup: "/x".into(),
                 egress: Change::Keep,
-                ingress: Change::Keep
+                ingress: Change::Keep,
+                name: None,
             }
         );
     }

@@ -4,7 +4,7 @@
 mod server;
 mod state;
 
-pub use server::{call, run, Options};
+pub use server::{call, run, serve, shutdown_signal, Options};
 pub use state::State;
 
 /// Errors of the daemon.
@@ -18,6 +18,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0} is not a cgroup v2 mount (on hybrid hosts it is often /sys/fs/cgroup/unified)")]
+    NotCgroup2(std::path::PathBuf),
     #[error("another daemon is serving {0}")]
     AlreadyRunning(std::path::PathBuf),
 }

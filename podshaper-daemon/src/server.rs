@@ -24,6 +24,16 @@ pub struct Options {
     /// Pace senders on this node toward ingress-limited cgroups (a sock_ops program on the
     /// cgroup v2 root while some ingress limit exists); off, ingress is only policed.
     pub peer_pacing: bool,
+    /// Where the cgroup v2 hierarchy is; found in /proc/self/mountinfo when not given.
+    pub cgroup_root: Option<PathBuf>,
+}
+
+impl Options {
+    /// Opens the state these options describe (see [`State::open`]).
+    pub fn open(&self) -> Result<Arc<Mutex<State>>, Error> {
+        let state = State::open(&self.bpffs_root, self.peer_pacing, self.cgroup_root.as_deref())?;
+        Ok(Arc::new(Mutex::new(state)))
+    }
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -32,27 +42,49 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
 
 /// Runs the daemon until SIGTERM or SIGINT. Limits stay in force after it returns.
 pub async fn run(opts: Options) -> Result<(), Error> {
-    let state = Arc::new(Mutex::new(State::open(&opts.bpffs_root, opts.peer_pacing)?));
-    let listener = bind(&opts.socket).await?;
+    let state = opts.open()?;
+    let stop = shutdown_signal()?;
+    serve(&opts.socket, state, stop).await?;
+    info!("stopped; limits stay in force");
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Error> {
     let mut term = signal(SignalKind::terminate()).map_err(io("install SIGTERM handler".into()))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("install SIGINT handler".into()))?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+/// Serves the local API on `socket` and ticks `state` once a second until `stop` resolves,
+/// then removes the socket.
+pub async fn serve(
+    socket: &Path,
+    state: Arc<Mutex<State>>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let listener = bind(socket).await?;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    info!(socket = %opts.socket.display(), "serving");
+    info!(socket = %socket.display(), "serving");
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = &mut stop => break,
             _ = ticker.tick() => {
                 if let Ok(mut s) = state.lock() { s.tick() }
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => { tokio::spawn(serve(stream, state.clone())); }
+                Ok((stream, _)) => { tokio::spawn(serve_one(stream, state.clone())); }
                 Err(e) => warn!(error = %e, "accept"),
             },
         }
     }
-    let _ = std::fs::remove_file(&opts.socket);
-    info!("stopped; limits stay in force");
+    let _ = std::fs::remove_file(socket);
     Ok(())
 }
 
@@ -72,7 +104,7 @@ async fn bind(path: &Path) -> Result<UnixListener, Error> {
     Ok(listener)
 }
 
-async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) {
+async fn serve_one(stream: UnixStream, state: Arc<Mutex<State>>) {
     // The socket is 0600, but a process that inherited a descriptor is checked too.
     let uid = stream.peer_cred().map(|c| c.uid()).ok();
     // SAFETY: geteuid has no preconditions.

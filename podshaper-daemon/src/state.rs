@@ -26,19 +26,27 @@ struct Sample {
     rate_bps: [u64; 2],
 }
 
-/// The datapath and the last rate sample of each limited cgroup. Cgroup paths are not kept:
-/// they are read back from the kernel by id, so they stay right across renames and restarts.
+/// The datapath, the last rate sample and the name of each limited cgroup. Cgroup paths are
+/// not kept: they are read back from the kernel by id, so they stay right across renames and
+/// restarts. Names (the agent's namespace/pod) are not pinned: their owner sets them again.
 pub struct State {
     datapath: Datapath,
     mount: PathBuf,
     samples: HashMap<u64, Sample>,
+    names: HashMap<u64, String>,
 }
 
 impl State {
     /// Loads the datapath under `root`, adopts what is pinned there and drops the state of
-    /// cgroups that disappeared while no daemon ran.
-    pub fn open(root: &Path, peer_pacing: bool) -> Result<Self, Error> {
-        let mount = cgroup::cgroup2_mount()?;
+    /// cgroups that disappeared while no daemon ran. `cgroup_root` is where the cgroup v2
+    /// hierarchy is (a container sees the host's at a bind mount); by default it is found in
+    /// /proc/self/mountinfo.
+    pub fn open(root: &Path, peer_pacing: bool, cgroup_root: Option<&Path>) -> Result<Self, Error> {
+        let mount = match cgroup_root {
+            Some(p) if cgroup::is_cgroup2(p) => p.to_path_buf(),
+            Some(p) => return Err(Error::NotCgroup2(p.to_path_buf())),
+            None => cgroup::cgroup2_mount()?,
+        };
         let mut datapath = Datapath::load(Pins::new(root))?;
         datapath.set_peer_pacing(peer_pacing);
         let gone = datapath.collect_garbage(&mount)?;
@@ -51,6 +59,7 @@ impl State {
             datapath,
             mount,
             samples: HashMap::new(),
+            names: HashMap::new(),
         })
     }
 
@@ -61,7 +70,8 @@ impl State {
                 cgroup,
                 egress,
                 ingress,
-            } => self.limit(&cgroup, egress, ingress),
+                name,
+            } => self.limit(&cgroup, egress, ingress, name),
             Request::Unlimit { cgroup } => self.unlimit(&cgroup),
             Request::Status { cgroup } => self.status(cgroup.as_deref()),
             Request::Reset => self.reset(),
@@ -76,7 +86,13 @@ impl State {
     }
 
     #[instrument(skip_all, fields(cgroup = %user.display()))]
-    fn limit(&mut self, user: &Path, egress: Change, ingress: Change) -> Result<Response, Error> {
+    fn limit(
+        &mut self,
+        user: &Path,
+        egress: Change,
+        ingress: Change,
+        name: Option<String>,
+    ) -> Result<Response, Error> {
         let cg = self.resolve(user)?;
         let current = self.datapath.state(cg.id)?.map(|s| s.limits).unwrap_or_default();
         let apply = |c: Change, cur: Option<u64>| match c {
@@ -90,7 +106,9 @@ impl State {
         };
         self.datapath.set(&cg, limits)?;
         if limits.is_none() {
-            self.samples.remove(&cg.id);
+            self.forget(cg.id);
+        } else if let Some(name) = name {
+            self.names.insert(cg.id, name);
         }
         info!(?limits, "limits set");
         let status = self.datapath.state(cg.id)?.map(|s| self.describe(&s));
@@ -101,7 +119,7 @@ impl State {
     fn unlimit(&mut self, user: &Path) -> Result<Response, Error> {
         let cg = self.resolve(user)?;
         self.datapath.remove(cg.id)?;
-        self.samples.remove(&cg.id);
+        self.forget(cg.id);
         info!("limits removed");
         Ok(Response::Ok { status: None })
     }
@@ -129,6 +147,7 @@ impl State {
         self.datapath = Datapath::load(Pins::new(&root))?;
         self.datapath.set_peer_pacing(peer_pacing);
         self.samples.clear();
+        self.names.clear();
         info!("all limits and pinned state removed");
         Ok(Response::Ok { status: None })
     }
@@ -140,7 +159,7 @@ impl State {
             Ok(gone) => {
                 for id in gone {
                     info!(id, "cgroup is gone; removed its state");
-                    self.samples.remove(&id);
+                    self.forget(id);
                 }
             }
             Err(e) => warn!(error = %e, "collect state of removed cgroups"),
@@ -175,6 +194,16 @@ impl State {
         }
     }
 
+    fn forget(&mut self, id: u64) {
+        self.samples.remove(&id);
+        self.names.remove(&id);
+    }
+
+    /// The cgroup v2 hierarchy this state works in.
+    pub fn cgroup_mount(&self) -> &Path {
+        &self.mount
+    }
+
     fn describe(&self, s: &CgroupState) -> CgroupStatus {
         let rates = self.samples.get(&s.id).map(|x| x.rate_bps).unwrap_or([0, 0]);
         let dir = |d: usize, limit: Option<u64>| DirectionStatus {
@@ -192,6 +221,7 @@ impl State {
                 .flatten()
                 .unwrap_or_else(|| PathBuf::from("?")),
             id: s.id,
+            name: self.names.get(&s.id).cloned(),
             egress: dir(EGRESS, s.limits.egress),
             ingress: dir(INGRESS, s.limits.ingress),
         }

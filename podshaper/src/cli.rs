@@ -37,6 +37,27 @@ enum Command {
         /// program on the cgroup v2 root); ingress is then only policed.
         #[arg(long, env = "PODSHAPER_NO_PEER_PACING")]
         no_peer_pacing: bool,
+        /// Where the cgroup v2 hierarchy is mounted; found in /proc/self/mountinfo if not given.
+        #[arg(long, env = "PODSHAPER_CGROUP_ROOT")]
+        cgroup_root: Option<PathBuf>,
+    },
+    /// Run the Kubernetes node agent (root; what the DaemonSet runs): the daemon plus a watch
+    /// of this node's pods that limits each one as its kubernetes.io/egress-bandwidth and
+    /// kubernetes.io/ingress-bandwidth annotations say, live. Uses the in-cluster config or
+    /// KUBECONFIG.
+    Agent(AgentArgs),
+    /// Ask every agent of a Helm release to lift all limits on its node and wait for them to
+    /// confirm (the chart's pre-delete hook runs this on `helm uninstall`).
+    Uninstall {
+        /// The agents' namespace.
+        #[arg(long, env = "POD_NAMESPACE")]
+        namespace: String,
+        /// Label selector of the agent pods.
+        #[arg(long, default_value = "app.kubernetes.io/name=podshaper")]
+        selector: String,
+        /// How long to wait for the agents, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
     /// Set or change the limits of a cgroup v2 directory and everything below it. Applies
     /// live; a direction not given keeps its limit, `none` removes it.
@@ -50,6 +71,9 @@ enum Command {
         /// Ingress limit, same forms as --egress.
         #[arg(long, value_parser = parse_change)]
         ingress: Option<Change>,
+        /// A name for `status` to show instead of the path (kept until the daemon restarts).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Remove every limit, program and map entry of a cgroup.
     Unlimit {
@@ -74,6 +98,37 @@ enum Command {
     /// Show the shaper at work on this machine: two "pods" in network namespaces and cgroups,
     /// traffic unlimited, limited both ways, then a live change. Needs root and iperf3.
     Demo(crate::demo::Args),
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// The node whose pods this agent limits (the DaemonSet passes spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The agent's own pod name (downward API); the uninstall signal arrives on it.
+    #[arg(long, env = "POD_NAME", requires = "pod_namespace")]
+    pod_name: Option<String>,
+    /// The agent's own pod namespace (downward API).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: Option<String>,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(long, env = "PODSHAPER_METRICS_ADDR", default_value = "0.0.0.0:9810")]
+    metrics_addr: std::net::SocketAddr,
+    /// The highest limit an annotation may set; higher ones are cut to it, with an Event.
+    #[arg(long, env = "PODSHAPER_MAX_RATE", value_parser = Rate::parse_quantity)]
+    max_rate: Option<Rate>,
+    /// The kubelet's cgroup driver: auto, systemd or cgroupfs.
+    #[arg(long, env = "PODSHAPER_CGROUP_DRIVER", default_value = "auto")]
+    cgroup_driver: podshaper_agent::podcgroup::Driver,
+    /// Where the host's cgroup v2 hierarchy is (in a container: the hostPath mount); found in
+    /// /proc/self/mountinfo if not given.
+    #[arg(long, env = "PODSHAPER_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
+    #[arg(long, env = "PODSHAPER_BPFFS", default_value = DEFAULT_ROOT)]
+    bpffs: PathBuf,
+    /// Do not pace senders on this node toward ingress-limited pods.
+    #[arg(long, env = "PODSHAPER_NO_PEER_PACING")]
+    no_peer_pacing: bool,
 }
 
 fn parse_change(s: &str) -> Result<Change, String> {
@@ -111,17 +166,52 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Daemon {
             bpffs,
             no_peer_pacing,
+            cgroup_root,
         } => {
             rt.block_on(podshaper_daemon::run(podshaper_daemon::Options {
                 socket: cli.socket,
                 bpffs_root: bpffs,
                 peer_pacing: !no_peer_pacing,
+                cgroup_root,
             }))?;
+        }
+        Command::Agent(a) => {
+            rt.block_on(podshaper_agent::run(podshaper_agent::Options {
+                node_name: a.node_name,
+                own_pod: a.pod_namespace.zip(a.pod_name),
+                metrics_addr: a.metrics_addr,
+                max_rate: a.max_rate,
+                driver: a.cgroup_driver,
+                daemon: podshaper_daemon::Options {
+                    socket: cli.socket,
+                    bpffs_root: a.bpffs,
+                    peer_pacing: !a.no_peer_pacing,
+                    cgroup_root: a.cgroup_root,
+                },
+            }))?;
+        }
+        Command::Uninstall {
+            namespace,
+            selector,
+            timeout,
+        } => {
+            let silent = rt.block_on(podshaper_agent::signal_uninstall(
+                &namespace,
+                &selector,
+                std::time::Duration::from_secs(timeout),
+            ))?;
+            if !silent.is_empty() {
+                eprintln!(
+                    "warning: these agents did not confirm; run `podshaper reset` on their nodes: {}",
+                    silent.join(", ")
+                );
+            }
         }
         Command::Limit {
             cgroup,
             egress,
             ingress,
+            name,
         } => {
             if egress.is_none() && ingress.is_none() {
                 bail!("give --egress and/or --ingress (a rate such as 10M, or none)");
@@ -130,6 +220,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cgroup,
                 egress: egress.unwrap_or_default(),
                 ingress: ingress.unwrap_or_default(),
+                name,
             };
             if let Response::Ok { status: Some(s) } = rt.block_on(ask(&cli.socket, &req))? {
                 print_table(&[s]);
@@ -197,7 +288,7 @@ fn print_table(rows: &[CgroupStatus]) {
     let lim = |r: &Option<Rate>| r.map(|r| r.to_string()).unwrap_or_else(|| "-".into());
     println!(
         "{:<44} {:>9} {:>10} {:>9} {:>10} {:>12} {:>12} {:>11} {:>11}",
-        "CGROUP",
+        "NAME (POD OR CGROUP)",
         "EGRESS",
         "EG-RATE",
         "INGRESS",
@@ -210,7 +301,7 @@ fn print_table(rows: &[CgroupStatus]) {
     for r in rows {
         println!(
             "{:<44} {:>9} {:>10} {:>9} {:>10} {:>12} {:>12} {:>11} {:>11}",
-            r.cgroup.display(),
+            r.name.clone().unwrap_or_else(|| r.cgroup.display().to_string()),
             lim(&r.egress.limit),
             human_bps(r.egress.rate_bps),
             lim(&r.ingress.limit),

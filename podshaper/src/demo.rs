@@ -72,7 +72,7 @@ pub fn run(args: Args) -> Result<()> {
         "/sys/fs/bpf/podshaper-demo-{}",
         std::process::id()
     )));
-    let mut state = State::open(&pins.0, true).context("load the datapath")?;
+    let mut state = State::open(&pins.0, true, None).context("load the datapath")?;
     let secs = args.secs.max(2);
     let to: IpAddr = IpAddr::V4(NetnsPair::B_V4);
     let cgroup = pod.path().to_path_buf();
@@ -87,6 +87,7 @@ pub fn run(args: Args) -> Result<()> {
             cgroup: cgroup.clone(),
             egress,
             ingress,
+            name: Some("demo/pod".into()),
         }) {
             Response::Error { message } => bail!("{message}"),
             _ => Ok(()),
