@@ -1,0 +1,110 @@
+//! The podshaper Kubernetes agent: the thesis's second client. It watches the pods of its
+//! node and limits each one as its `kubernetes.io/{egress,ingress}-bandwidth` annotations say,
+//! live. It runs the daemon in the same process (one container, one set of privileges, no
+//! socket hop) and still serves the daemon's socket, so `podshaper status` works on the node.
+pub mod annotations;
+pub mod metrics;
+pub mod podcgroup;
+mod reconcile;
+mod uninstall;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    runtime::{
+        events::{Recorder, Reporter},
+        watcher, WatchStreamExt,
+    },
+    Api, Client,
+};
+use podshaper_api::Rate;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use reconcile::Settings;
+pub use uninstall::signal_uninstall;
+
+/// How the agent runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The node whose pods are limited (spec.nodeName).
+    pub node_name: String,
+    /// The agent's own pod, where the uninstall hook's signal arrives.
+    pub own_pod: Option<(String, String)>,
+    pub metrics_addr: SocketAddr,
+    pub max_rate: Option<Rate>,
+    pub driver: podcgroup::Driver,
+    pub daemon: podshaper_daemon::Options,
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Limits stay in force when it stops, unless the
+/// uninstall hook asked it to lift them.
+pub async fn run(opts: Options) -> Result<()> {
+    let state = opts.daemon.open().context("open the datapath")?;
+    let client = Client::try_default()
+        .await
+        .context("connect to the Kubernetes API")?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let socket = opts.daemon.socket.clone();
+    let server = tokio::spawn({
+        let (state, stop) = (state.clone(), stopped(stop_rx.clone()));
+        async move { podshaper_daemon::serve(&socket, state, stop).await }
+    });
+    let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
+        .await
+        .with_context(|| format!("listen on {} for metrics", opts.metrics_addr))?;
+    let http = tokio::spawn(metrics::serve(listener, metrics.clone(), stopped(stop_rx)));
+
+    let reporter = Reporter {
+        controller: "podshaper".into(),
+        instance: Some(opts.node_name.clone()),
+    };
+    let settings = Settings {
+        max_rate: opts.max_rate,
+        driver: opts.driver,
+        own_pod: opts.own_pod.clone(),
+    };
+    let mut reconciler = reconcile::Reconciler::new(
+        state.clone(),
+        Recorder::new(client.clone(), reporter),
+        metrics.clone(),
+        settings,
+    );
+    // Only this node's pods: the apiserver filters, so the agent's memory does not grow with
+    // the cluster.
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name));
+    let mut pods = std::pin::pin!(watcher(Api::<Pod>::all(client), config).default_backoff());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let shutdown = podshaper_daemon::shutdown_signal()?;
+    tokio::pin!(shutdown);
+    info!(node = %opts.node_name, metrics = %opts.metrics_addr, "agent started");
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            event = pods.next() => match event {
+                Some(Ok(event)) => reconciler.on_event(event).await,
+                // The watcher retries with backoff; limits stay as they are meanwhile.
+                Some(Err(e)) => warn!(error = %e, "pod watch"),
+                None => break,
+            },
+            _ = tick.tick() => reconciler.tick().await,
+        }
+    }
+    let _ = stop_tx.send(true);
+    if let Ok(Err(e)) = server.await {
+        warn!(error = %e, "local API");
+    }
+    if let Ok(Err(e)) = http.await {
+        warn!(error = %e, "metrics server");
+    }
+    info!(lifted = reconciler.uninstalled(), "agent stopped");
+    Ok(())
+}

@@ -1,0 +1,466 @@
+//! The agent's core: from the pods of this node (as the watch reports them) to limits in the
+//! datapath. One pod at a time, never touching a pod whose annotations did not change or are
+//! malformed; every outcome a user should see becomes an Event on the pod.
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::{
+    runtime::{
+        events::{Event, EventType, Recorder},
+        watcher,
+    },
+    Resource, ResourceExt,
+};
+use podshaper_api::{
+    proto::{CgroupStatus, Change, Request, Response},
+    Rate,
+};
+use podshaper_daemon::State;
+use tracing::{debug, info, warn};
+
+use crate::{
+    annotations::{self, Wanted},
+    metrics::{Metrics, PodLabels, PodSample},
+    podcgroup::{self, Driver, Qos},
+};
+
+/// Failed lookups of a pod's cgroup before the agent says so in an Event. With the backoff
+/// below that is about 15 s: long enough for a starting pod's sandbox to appear.
+const REPORT_MISSING_AFTER: u32 = 5;
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// What the agent needs to know of a pod.
+#[derive(Clone, Debug)]
+struct PodView {
+    namespace: String,
+    name: String,
+    uid: String,
+    qos: Option<Qos>,
+    phase: String,
+    annotations: std::collections::BTreeMap<String, String>,
+    reference: ObjectReference,
+}
+
+impl PodView {
+    fn of(pod: &Pod) -> Option<Self> {
+        let status = pod.status.as_ref();
+        Some(Self {
+            namespace: pod.namespace()?,
+            name: pod.name_any(),
+            uid: pod.uid()?,
+            qos: Qos::from_status(status.and_then(|s| s.qos_class.as_deref())),
+            phase: status
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_else(|| "Pending".into()),
+            annotations: pod.annotations().clone(),
+            reference: pod.object_ref(&()),
+        })
+    }
+
+    fn labels(&self) -> PodLabels {
+        PodLabels {
+            namespace: self.namespace.clone(),
+            pod: self.name.clone(),
+        }
+    }
+
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A pod the agent tracks, and what it did for it.
+#[derive(Debug)]
+struct Tracked {
+    pod: PodView,
+    /// The cgroup and limits last applied (or found applied) for this pod.
+    applied: Option<(PathBuf, Wanted)>,
+    /// The last problem reported in an Event, so a pod is not told the same thing twice.
+    reported: Option<String>,
+    /// Cgroup lookups that failed in a row, and when to try again.
+    missing: u32,
+    retry_at: Option<Instant>,
+}
+
+/// Settings of the reconciler.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub max_rate: Option<Rate>,
+    pub driver: Driver,
+    /// The agent's own pod (namespace, name): where the uninstall signal arrives.
+    pub own_pod: Option<(String, String)>,
+}
+
+/// Turns watch events into datapath requests and Events.
+pub struct Reconciler {
+    state: Arc<Mutex<State>>,
+    cgroup_root: PathBuf,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+    pods: HashMap<String, Tracked>,
+    /// UIDs listed since the watch (re)started, to drop pods deleted while it was down.
+    listing: Option<HashSet<String>>,
+    uninstalled: bool,
+}
+
+impl Reconciler {
+    pub fn new(
+        state: Arc<Mutex<State>>,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+    ) -> Self {
+        let cgroup_root = state
+            .lock()
+            .map(|s| s.cgroup_mount().to_path_buf())
+            .unwrap_or_default();
+        Self {
+            state,
+            cgroup_root,
+            recorder,
+            metrics,
+            settings,
+            pods: HashMap::new(),
+            listing: None,
+            uninstalled: false,
+        }
+    }
+
+    /// Whether the uninstall hook asked this agent to lift every limit (it then stays idle).
+    pub fn uninstalled(&self) -> bool {
+        self.uninstalled
+    }
+
+    fn ask(&self, req: Request) -> Result<Response, String> {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| "daemon state is poisoned".to_string())?;
+        match state.handle(req) {
+            Response::Error { message } => Err(message),
+            ok => Ok(ok),
+        }
+    }
+
+    /// Handles one event of the pod watch.
+    pub async fn on_event(&mut self, event: watcher::Event<Pod>) {
+        match event {
+            watcher::Event::Init => self.listing = Some(HashSet::new()),
+            watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
+                let Some(view) = PodView::of(&pod) else { return };
+                if let Some(l) = self.listing.as_mut() {
+                    l.insert(view.uid.clone());
+                }
+                self.upsert(view).await;
+            }
+            watcher::Event::InitDone => {
+                if let Some(listed) = self.listing.take() {
+                    let gone: Vec<String> = self
+                        .pods
+                        .keys()
+                        .filter(|u| !listed.contains(*u))
+                        .cloned()
+                        .collect();
+                    for uid in gone {
+                        self.forget(&uid);
+                    }
+                }
+                self.remove_stale();
+                self.refresh_metrics();
+                self.metrics.set_ready();
+            }
+            // The pod object is gone. Its limit stays until its cgroup goes too (the daemon
+            // collects state of removed cgroups): containers may still be stopping.
+            watcher::Event::Delete(pod) => {
+                if let Some(uid) = pod.uid() {
+                    self.forget(&uid);
+                }
+            }
+        }
+    }
+
+    fn forget(&mut self, uid: &str) {
+        if let Some(t) = self.pods.remove(uid) {
+            debug!(pod = %t.pod.key(), "pod object gone");
+            self.metrics.forget(&t.pod.labels());
+        }
+    }
+
+    async fn upsert(&mut self, view: PodView) {
+        let own = self
+            .settings
+            .own_pod
+            .as_ref()
+            .is_some_and(|(ns, name)| *ns == view.namespace && *name == view.name);
+        if own && !self.uninstalled && annotations::uninstall_requested(Some(&view.annotations)) {
+            return self.lift_all(&view.reference).await;
+        }
+        let uid = view.uid.clone();
+        let t = self.pods.entry(uid.clone()).or_insert_with(|| Tracked {
+            pod: view.clone(),
+            applied: None,
+            reported: None,
+            missing: 0,
+            retry_at: None,
+        });
+        t.pod = view;
+        // A change to the pod is news: look for its cgroup again right away.
+        t.missing = 0;
+        t.retry_at = None;
+        self.reconcile(&uid).await;
+    }
+
+    /// Lifts every limit on the node: the chart is being uninstalled.
+    async fn lift_all(&mut self, own: &ObjectReference) {
+        match self.ask(Request::Reset) {
+            Ok(_) => {
+                info!("uninstall requested: lifted every limit on this node");
+                self.uninstalled = true;
+                self.pods.clear();
+                self.refresh_metrics();
+                self.publish(
+                    own,
+                    EventType::Normal,
+                    "LimitsLifted",
+                    "podshaper lifted every limit on this node",
+                )
+                .await;
+            }
+            Err(e) => {
+                warn!(error = %e, "uninstall requested, but lifting the limits failed");
+                self.publish(own, EventType::Warning, "LiftFailed", &e).await;
+            }
+        }
+    }
+
+    async fn publish(&self, reference: &ObjectReference, type_: EventType, reason: &str, note: &str) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.into()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, reference).await {
+            warn!(error = %e, reason, "publish event");
+        }
+    }
+
+    /// Brings one pod's limits in line with its annotations.
+    async fn reconcile(&mut self, uid: &str) {
+        if self.uninstalled {
+            return;
+        }
+        let Some(t) = self.pods.get(uid) else { return };
+        let pod = t.pod.clone();
+        let parsed = match annotations::parse(Some(&pod.annotations), self.settings.max_rate) {
+            Ok(p) => p,
+            Err(e) => {
+                // Nothing changes: not this pod's current limit, not any other pod.
+                self.metrics
+                    .invalid_annotations
+                    .get_or_create(&pod.labels())
+                    .inc();
+                let note = format!(
+                    "{e}. The limit in force (if any) is unchanged. Accepted: a Kubernetes quantity of bits/s from 1k to 1P, like 10M or 1.5G"
+                );
+                self.report(uid, &pod.reference, "InvalidBandwidth", &note).await;
+                return;
+            }
+        };
+        let wanted = parsed.wanted;
+        let t = self
+            .pods
+            .get(uid)
+            .map(|t| (t.applied.clone(), t.reported.is_some()));
+        let Some((applied, had_problem)) = t else { return };
+        if wanted.is_none() && applied.is_none() {
+            return self.clear_problem(uid);
+        }
+        // Unchanged and still there: nothing to do (status updates of the pod land here).
+        if let Some((dir, w)) = &applied {
+            if *w == wanted && dir.is_dir() && !had_problem {
+                return;
+            }
+        }
+        let dir = applied
+            .as_ref()
+            .map(|(d, _)| d.clone())
+            .filter(|d| d.is_dir())
+            .or_else(|| podcgroup::find(&self.cgroup_root, &pod.uid, pod.qos, self.settings.driver));
+        let Some(dir) = dir else {
+            if wanted.is_none() {
+                // Nothing to lift: the cgroup and its state are gone.
+                if let Some(t) = self.pods.get_mut(uid) {
+                    t.applied = None;
+                }
+                return;
+            }
+            return self.cgroup_missing(uid).await;
+        };
+        let before = self.limits_in_force(&dir);
+        let change = |r: Option<Rate>| r.map(Change::Set).unwrap_or(Change::Unlimited);
+        let result = self.ask(Request::Limit {
+            cgroup: dir.clone(),
+            egress: change(wanted.egress),
+            ingress: change(wanted.ingress),
+            name: Some(pod.key()),
+        });
+        match result {
+            Ok(_) => {
+                if let Some(t) = self.pods.get_mut(uid) {
+                    t.applied = (!wanted.is_none()).then(|| (dir.clone(), wanted));
+                    t.missing = 0;
+                    t.retry_at = None;
+                }
+                self.clear_problem(uid);
+                for line in &parsed.clamped {
+                    self.report(uid, &pod.reference, "BandwidthCapped", line).await;
+                }
+                if before != wanted {
+                    info!(pod = %pod.key(), cgroup = %dir.display(), %wanted, "limits applied");
+                    let reason = if wanted.is_none() {
+                        "BandwidthUnlimited"
+                    } else {
+                        "BandwidthLimited"
+                    };
+                    self.publish(&pod.reference, EventType::Normal, reason, &wanted.to_string())
+                        .await;
+                }
+            }
+            Err(e) => {
+                self.metrics.apply_errors.get_or_create(&pod.labels()).inc();
+                self.schedule_retry(uid);
+                let note = format!("applying {wanted} to {} failed: {e}", dir.display());
+                self.report(uid, &pod.reference, "LimitFailed", &note).await;
+            }
+        }
+    }
+
+    /// The limits the datapath has for `dir` now (none if it is not limited).
+    fn limits_in_force(&self, dir: &std::path::Path) -> Wanted {
+        match self.ask(Request::Status {
+            cgroup: Some(dir.to_path_buf()),
+        }) {
+            Ok(Response::Status { cgroups }) => cgroups
+                .first()
+                .map(|s| Wanted {
+                    egress: s.egress.limit,
+                    ingress: s.ingress.limit,
+                })
+                .unwrap_or_default(),
+            _ => Wanted::default(),
+        }
+    }
+
+    async fn cgroup_missing(&mut self, uid: &str) {
+        let Some(t) = self.pods.get_mut(uid) else { return };
+        t.missing += 1;
+        let (missing, pod) = (t.missing, t.pod.clone());
+        self.metrics.cgroup_not_found.get_or_create(&pod.labels()).inc();
+        self.schedule_retry(uid);
+        debug!(pod = %pod.key(), missing, "cgroup not found yet");
+        if missing >= REPORT_MISSING_AFTER {
+            let note = format!(
+                "cannot find the pod's cgroup under {} (pod {}, QoS {:?}, driver {:?}); still retrying",
+                self.cgroup_root.display(),
+                pod.phase,
+                pod.qos,
+                self.settings.driver
+            );
+            self.report(uid, &pod.reference, "CgroupNotFound", &note).await;
+        }
+    }
+
+    fn schedule_retry(&mut self, uid: &str) {
+        if let Some(t) = self.pods.get_mut(uid) {
+            let n = t.missing.clamp(1, 16);
+            let delay = (FIRST_RETRY * 2u32.saturating_pow(n - 1)).min(MAX_RETRY);
+            t.retry_at = Some(Instant::now() + delay);
+        }
+    }
+
+    /// A warning Event, once per distinct problem.
+    async fn report(&mut self, uid: &str, reference: &ObjectReference, reason: &str, note: &str) {
+        let Some(t) = self.pods.get_mut(uid) else { return };
+        if t.reported.as_deref() == Some(note) {
+            return;
+        }
+        t.reported = Some(note.to_string());
+        warn!(pod = %t.pod.key(), reason, note, "problem");
+        self.publish(reference, EventType::Warning, reason, note).await;
+    }
+
+    fn clear_problem(&mut self, uid: &str) {
+        if let Some(t) = self.pods.get_mut(uid) {
+            t.reported = None;
+        }
+    }
+
+    /// Removes limits of pod cgroups whose pod is not on this node any more (deleted while
+    /// no agent ran). Cgroups that are not pods' (limited with the CLI) are left alone.
+    fn remove_stale(&mut self) {
+        let known: HashSet<&str> = self.pods.keys().map(String::as_str).collect();
+        let Ok(Response::Status { cgroups }) = self.ask(Request::Status { cgroup: None }) else {
+            return;
+        };
+        for c in cgroups {
+            let Some(uid) = podcgroup::pod_uid_of(&c.cgroup) else {
+                continue;
+            };
+            if known.contains(uid.as_str()) {
+                continue;
+            }
+            match self.ask(Request::Unlimit {
+                cgroup: c.cgroup.clone(),
+            }) {
+                Ok(_) => info!(cgroup = %c.cgroup.display(), uid, "removed the limit of a pod that is gone"),
+                Err(e) => warn!(cgroup = %c.cgroup.display(), error = %e, "remove stale limit"),
+            }
+        }
+    }
+
+    /// Retries pods whose cgroup was missing and refreshes the metrics. Called once a second.
+    pub async fn tick(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(_, t)| t.retry_at.is_some_and(|at| at <= now))
+            .map(|(u, _)| u.clone())
+            .collect();
+        for uid in due {
+            if let Some(t) = self.pods.get_mut(&uid) {
+                t.retry_at = None;
+            }
+            self.reconcile(&uid).await;
+        }
+        self.refresh_metrics();
+    }
+
+    fn refresh_metrics(&self) {
+        let cgroups = match self.ask(Request::Status { cgroup: None }) {
+            Ok(Response::Status { cgroups }) => cgroups,
+            _ => return,
+        };
+        let samples = cgroups.into_iter().filter_map(sample).collect();
+        self.metrics.set_pods(samples);
+    }
+}
+
+// Only cgroups the agent named (namespace/name) are pods.
+fn sample(status: CgroupStatus) -> Option<PodSample> {
+    let (namespace, pod) = status.name.as_deref()?.split_once('/')?;
+    Some(PodSample {
+        namespace: namespace.into(),
+        pod: pod.into(),
+        status: status.clone(),
+    })
+}
