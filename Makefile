@@ -2,10 +2,14 @@
 CARGO ?= cargo
 BIN := target/release/podshaper
 
-.PHONY: deps build demo test bench fmt lint clean
+.PHONY: deps k8s-bins build demo test bench bench-k8s fmt lint clean
 
 deps:
 	./scripts/deps.sh
+
+## kube-apiserver, etcd and helm from their Go modules, cached in /var/cache/podshaper (~6 min cold).
+k8s-bins:
+	./scripts/k8s-bins.sh
 
 build: deps
 	$(CARGO) build --release --locked
@@ -14,13 +18,18 @@ build: deps
 demo: build
 	$(BIN) demo
 
-## Unit tests, then the privileged tests (root; skipped with a message otherwise, failed under CI=true).
-test: deps
+## Unit tests, the privileged tests and the Kubernetes tests against a real kube-apiserver (root;
+## skipped with a message otherwise, failed under CI=true).
+test: deps k8s-bins
 	$(CARGO) test --workspace --locked
 
 ## Benchmark against TBF as the bandwidth CNI plugin sets it up (root, ~20 min; `BENCH_ARGS=--quick`).
 bench: deps
 	$(CARGO) run --release --locked -p podshaper-testbed --bin podshaper-bench -- --markdown docs/benchmarks.md $(BENCH_ARGS)
+
+## The agent against a real kube-apiserver: change latency, RSS/CPU with 110 pods, restart (root).
+bench-k8s: deps k8s-bins build
+	$(CARGO) run --release --locked -p podshaper-testbed --bin podshaper-bench-k8s -- --agent $(BIN) --markdown docs/benchmarks.md $(BENCH_ARGS)
 
 fmt:
 	$(CARGO) fmt --all

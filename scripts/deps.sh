@@ -3,7 +3,8 @@
 # Idempotent: only missing packages are installed; `apt-get update` runs at most once.
 set -euo pipefail
 
-pkgs=(clang clang-format llvm libbpf-dev linux-libc-dev iproute2 iperf3 bpftool containernetworking-plugins pkg-config)
+# openssl: certificates of the test control plane.
+pkgs=(clang clang-format llvm libbpf-dev linux-libc-dev iproute2 iperf3 bpftool containernetworking-plugins pkg-config openssl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,6 +21,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "deps: cargo not found; install Rust (rustup or Debian's cargo, rustc >= 1.87)" >&2
+  echo "deps: cargo not found; install Rust (rustup or Debian's cargo, rustc >= 1.89)" >&2
   exit 1
 fi

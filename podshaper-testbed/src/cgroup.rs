@@ -36,6 +36,24 @@ impl Cgroup {
         Self::create(parent, mount, label)
     }
 
+    /// Creates the cgroup at exactly `path` (a pod's, where a kubelet would put it), with any
+    /// missing parents. Drop removes the directory itself, not the parents.
+    pub fn at(path: &Path) -> Result<Self, Error> {
+        let mount = cgroup::cgroup2_mount()?;
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(|e| io_err("create cgroup", parent, e))?;
+        }
+        fs::create_dir(path).map_err(|e| io_err("create cgroup", path, e))?;
+        let id = fs::metadata(path)
+            .map_err(|e| io_err("stat cgroup", path, e))?
+            .ino();
+        Ok(Self {
+            path: path.to_path_buf(),
+            mount,
+            id,
+        })
+    }
+
     fn create(parent: &Path, mount: PathBuf, label: &str) -> Result<Self, Error> {
         // Labels become directory names: keep them to a safe alphabet.
         let label: String = label

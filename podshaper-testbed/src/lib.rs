@@ -7,6 +7,7 @@ pub mod bpf_stats;
 pub mod cgroup;
 pub mod datapath;
 pub mod iperf;
+pub mod k8s;
 pub mod netns;
 pub mod table;
 pub mod tbf;

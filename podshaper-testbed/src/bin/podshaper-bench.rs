@@ -236,7 +236,12 @@ fn run(args: Args) -> Result<()> {
         bail!("interrupted: the tables above are partial, no Markdown written");
     }
     if let Some(path) = &args.markdown {
-        let md = markdown(&info, &method, &results, overhead.as_ref())?;
+        let mut md = markdown(&info, &method, &results, overhead.as_ref())?;
+        // The Kubernetes agent's section (podshaper-bench-k8s) is another bench's: keep it.
+        let old = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(i) = old.find("<!-- bench-k8s -->") {
+            md = format!("{}\n\n{}", md.trim_end(), &old[i..]);
+        }
         std::fs::write(path, md).with_context(|| format!("write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }

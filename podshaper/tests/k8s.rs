@@ -1,0 +1,663 @@
+//! The agent against a real control plane: etcd and kube-apiserver built from their Go modules
+//! (scripts/k8s-bins.sh, cached in /var/cache/podshaper), the chart's manifests applied to it,
+//! and `podshaper agent` running as the chart's ServiceAccount, with exactly its RBAC. No
+//! kubelet runs here: the testbed's `Kubelet` creates pods bound to the node, their cgroups
+//! where a kubelet puts them, and their status.
+//!
+//! Needs root (BPF, cgroups, network namespaces) and Go (the first run builds the control
+//! plane, ~10 minutes). Without root each test says so and passes, except under CI=true.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// The guard serialises whole tests (each has its own runtime), so holding it across awaits is
+// the point.
+#![allow(clippy::await_holding_lock)]
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{Mutex, MutexGuard},
+    thread,
+    time::{Duration, Instant},
+};
+
+use kube::Api;
+use podshaper_testbed::{
+    k8s::{AgentProcess, CgroupDriver, Cluster, Kubelet, QosClass, RunningPod},
+    run_client, unique_name, ClientOptions, IperfServer, NetnsPair, ServerOptions, Traffic, L3,
+};
+
+const M: u64 = 1_000_000;
+const EGRESS: &str = "kubernetes.io/egress-bandwidth";
+const INGRESS: &str = "kubernetes.io/ingress-bandwidth";
+const NODE: &str = "node-a";
+const NS: &str = "shop";
+
+fn privileged() -> Option<MutexGuard<'static, ()>> {
+    let current = thread::current();
+    let test = current.name().unwrap_or("a Kubernetes test");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: Kubernetes tests must run as root under CI"
+        );
+        eprintln!("SKIPPED {test}: needs root (BPF, cgroups, netns) and Go; run `sudo make test`");
+        return None;
+    }
+    Some(serial())
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The plain manifests, as a user would `kubectl apply` them.
+fn manifests() -> String {
+    std::fs::read_to_string(repo().join("deploy/manifests/podshaper.yaml")).expect("deploy/manifests")
+}
+
+async fn cluster() -> Cluster {
+    Cluster::start(&manifests(), NS)
+        .await
+        .expect("control plane with podshaper's manifests")
+}
+
+fn agent(cluster: &Cluster, own_pod: Option<&str>) -> AgentProcess {
+    let bin = Path::new(env!("CARGO_BIN_EXE_podshaper"));
+    AgentProcess::start(bin, NODE, &cluster.agent_kubeconfig, own_pod).expect("agent")
+}
+
+fn kubelet(cluster: &Cluster, driver: CgroupDriver, prefix: &str) -> Kubelet {
+    cluster.kubelet(NODE, driver, prefix).unwrap()
+}
+
+/// Asserts that pod `name` of NS gets `want` within `within`; returns how long it took.
+fn wait_limits(
+    agent: &AgentProcess,
+    name: &str,
+    want: Option<(Option<u64>, Option<u64>)>,
+    within: Duration,
+) -> Duration {
+    agent.wait_limits(NS, name, want, within).unwrap()
+}
+
+fn limits(agent: &AgentProcess, name: &str) -> Option<(Option<u64>, Option<u64>)> {
+    agent.limits(NS, name).unwrap()
+}
+
+/// iperf3 from the pod (namespace A, in its cgroup) to B for `secs`; the L3 rate after the
+/// first second.
+fn pod_rate(pair: &NetnsPair, pod: &RunningPod, secs: u32, reverse: bool) -> f64 {
+    let _server = IperfServer::start(pair.b(), None, &ServerOptions::default()).expect("iperf3 server");
+    let opts = ClientOptions {
+        traffic: Traffic::Tcp {
+            congestion: Some("cubic".into()),
+        },
+        secs,
+        reverse,
+        ..ClientOptions::new(IpAddr::V4(NetnsPair::B_V4))
+    };
+    let r = run_client(pair.a(), Some(&pod.cgroup), &opts).expect("iperf3");
+    L3::TCP_V4.l3_bps(r.mean_after_bps(1.0).expect("intervals"))
+}
+
+fn assert_near(what: &str, got: f64, target: u64) {
+    let ratio = got / target as f64;
+    assert!(
+        (0.75..=1.15).contains(&ratio),
+        "{what}: {got:.0} bit/s is {ratio:.2} of {target}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotations_limit_a_pod_live_and_everything_goes_with_it() {
+    let Some(_g) = privileged() else { return };
+    let cluster = cluster().await;
+    let kubelet = kubelet(&cluster, CgroupDriver::Systemd, "");
+    let agent = agent(&cluster, None);
+    let pair = NetnsPair::new().unwrap();
+
+    let pod = kubelet
+        .run_pod(NS, "web", QosClass::Burstable, &[(EGRESS, "20M")], "198.18.0.1")
+        .await
+        .unwrap();
+    wait_limits(&agent, "web", Some((Some(20 * M), None)), Duration::from_secs(5));
+    assert_near("egress 20M", pod_rate(&pair, &pod, 4, false), 20 * M);
+    let note = cluster
+        .wait_event(NS, "web", "BandwidthLimited", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(note.contains("egress limited to 20M"), "{note}");
+
+    // A change applies live, within a second, in both directions.
+    kubelet
+        .annotate(NS, "web", &[(EGRESS, Some("50M")), (INGRESS, Some("30M"))])
+        .await
+        .unwrap();
+    let took = wait_limits(
+        &agent,
+        "web",
+        Some((Some(50 * M), Some(30 * M))),
+        Duration::from_secs(1),
+    );
+    eprintln!("annotation change enforced after {took:?}");
+    assert_near("egress 50M", pod_rate(&pair, &pod, 4, false), 50 * M);
+    assert_near("ingress 30M", pod_rate(&pair, &pod, 4, true), 30 * M);
+    // Metrics carry the pod's namespace and name.
+    let m = agent.metrics().unwrap();
+    let line = format!(
+        r#"podshaper_pod_limit_bits_per_second{{namespace="{NS}",pod="web",direction="egress"}} 50000000"#
+    );
+    assert!(m.lines().any(|l| l == line), "{line} not in\n{m}");
+
+    // No annotation, no limit.
+    kubelet
+        .annotate(NS, "web", &[(EGRESS, None), (INGRESS, None)])
+        .await
+        .unwrap();
+    wait_limits(&agent, "web", None, Duration::from_secs(2));
+    let unlimited = pod_rate(&pair, &pod, 3, false);
+    assert!(
+        unlimited > 200.0 * M as f64,
+        "unlimited pod runs at only {unlimited:.0} bit/s"
+    );
+
+    // Deleting the pod (and its cgroup, as the kubelet does) leaves no link, program or pin.
+    kubelet
+        .annotate(NS, "web", &[(EGRESS, Some("10M"))])
+        .await
+        .unwrap();
+    wait_limits(&agent, "web", Some((Some(10 * M), None)), Duration::from_secs(2));
+    let links = agent.bpffs().join("v1/links");
+    assert_eq!(
+        std::fs::read_dir(&links).unwrap().count(),
+        1,
+        "one limited pod, one link dir"
+    );
+    kubelet.delete_pod(pod).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_dir(&links).unwrap().count() > 0 || !agent.status().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "state of the deleted pod is still there"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_annotation_changes_nothing_and_says_why() {
+    let Some(_g) = privileged() else { return };
+    let cluster = cluster().await;
+    let kubelet = kubelet(&cluster, CgroupDriver::Cgroupfs, "");
+    let agent = agent(&cluster, None);
+    let a = kubelet
+        .run_pod(NS, "a", QosClass::Guaranteed, &[(EGRESS, "10M")], "10.0.0.1")
+        .await
+        .unwrap();
+    let b = kubelet
+        .run_pod(NS, "b", QosClass::BestEffort, &[(INGRESS, "20M")], "10.0.0.2")
+        .await
+        .unwrap();
+    wait_limits(&agent, "a", Some((Some(10 * M), None)), Duration::from_secs(5));
+    wait_limits(&agent, "b", Some((None, Some(20 * M))), Duration::from_secs(5));
+
+    kubelet
+        .annotate(NS, "a", &[(EGRESS, Some("10Zbit"))])
+        .await
+        .unwrap();
+    let note = cluster
+        .wait_event(NS, "a", "InvalidBandwidth", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(note.contains("10Zbit") && note.contains("Accepted"), "{note}");
+    assert_eq!(
+        limits(&agent, "a"),
+        Some((Some(10 * M), None)),
+        "a's limit must stay"
+    );
+    assert_eq!(
+        limits(&agent, "b"),
+        Some((None, Some(20 * M))),
+        "b must not be touched"
+    );
+    let m = agent.metrics().unwrap();
+    let line = format!(r#"podshaper_invalid_annotations_total{{namespace="{NS}",pod="a"}} 1"#);
+    assert!(m.lines().any(|l| l == line), "{line} not in\n{m}");
+
+    // Fixed, it applies again.
+    kubelet.annotate(NS, "a", &[(EGRESS, Some("15M"))]).await.unwrap();
+    wait_limits(&agent, "a", Some((Some(15 * M), None)), Duration::from_secs(2));
+
+    // A pod whose cgroup never shows up: retried, then an Event; nobody else is touched.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(cluster.admin.clone(), NS);
+    let ghost = kubelet
+        .run_pod(NS, "ghost", QosClass::BestEffort, &[], "10.0.0.3")
+        .await
+        .unwrap();
+    drop(ghost.cgroup);
+    kubelet
+        .annotate(NS, "ghost", &[(EGRESS, Some("5M"))])
+        .await
+        .unwrap();
+    let note = cluster
+        .wait_event(NS, "ghost", "CgroupNotFound", Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(note.contains("cgroup"), "{note}");
+    assert_eq!(limits(&agent, "b"), Some((None, Some(20 * M))));
+    pods.delete("ghost", &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    kubelet.delete_pod(a).await.unwrap();
+    kubelet.delete_pod(b).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limit_never_lapses_while_the_agent_restarts() {
+    let Some(_g) = privileged() else { return };
+    let cluster = cluster().await;
+    let kubelet = kubelet(&cluster, CgroupDriver::Systemd, "");
+    let mut agent = agent(&cluster, None);
+    let pair = NetnsPair::new().unwrap();
+    let pod = kubelet
+        .run_pod(
+            NS,
+            "steady",
+            QosClass::Guaranteed,
+            &[(EGRESS, "20M")],
+            "198.18.0.1",
+        )
+        .await
+        .unwrap();
+    wait_limits(
+        &agent,
+        "steady",
+        Some((Some(20 * M), None)),
+        Duration::from_secs(5),
+    );
+
+    let _server = IperfServer::start(pair.b(), None, &ServerOptions::default()).unwrap();
+    let opts = ClientOptions {
+        secs: 8,
+        interval: 0.5,
+        ..ClientOptions::new(IpAddr::V4(NetnsPair::B_V4))
+    };
+    let report = thread::scope(|s| {
+        let traffic = s.spawn(|| run_client(pair.a(), Some(&pod.cgroup), &opts).unwrap());
+        thread::sleep(Duration::from_secs(2));
+        agent.kill();
+        thread::sleep(Duration::from_secs(2));
+        agent.restart().unwrap();
+        traffic.join().unwrap()
+    });
+    // Every half second, with the agent up, down and back: never above the limit.
+    let worst = L3::TCP_V4.l3_bps(report.worst_interval_bps(1.0).unwrap());
+    assert!(
+        worst < 1.3 * 20.0 * M as f64,
+        "a 0.5 s window reached {worst:.0} bit/s"
+    );
+    assert_near(
+        "through the restart",
+        L3::TCP_V4.l3_bps(report.mean_after_bps(1.0).unwrap()),
+        20 * M,
+    );
+    wait_limits(
+        &agent,
+        "steady",
+        Some((Some(20 * M), None)),
+        Duration::from_secs(2),
+    );
+    kubelet.delete_pod(pod).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_node_of_110_pods_is_limited() {
+    let Some(_g) = privileged() else { return };
+    let cluster = cluster().await;
+    // kind's layout: the kubelet's --cgroup-root nests every pod one level deeper.
+    let kubelet = kubelet(&cluster, CgroupDriver::Systemd, "podshaper-test-kubelet.slice");
+    let agent = agent(&cluster, None);
+    let mut pods = Vec::new();
+    for i in 0..110u64 {
+        let rate = format!("{}M", i + 1);
+        let qos = [QosClass::Guaranteed, QosClass::Burstable, QosClass::BestEffort][i as usize % 3];
+        let name = format!("p{i}");
+        pods.push(
+            kubelet
+                .run_pod(NS, &name, qos, &[(EGRESS, &rate)], "10.0.1.1")
+                .await
+                .unwrap(),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = agent.status().unwrap();
+        let right = (0..110u64)
+            .filter(|i| {
+                let key = format!("{NS}/p{i}");
+                status.iter().any(|c| {
+                    c.name.as_deref() == Some(key.as_str())
+                        && c.egress.limit.map(|r| r.bps()) == Some((i + 1) * M)
+                })
+            })
+            .count();
+        if right == 110 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {right} of 110 pods limited");
+        thread::sleep(Duration::from_millis(200));
+    }
+    // The metrics snapshot is refreshed once a second.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !agent
+        .metrics()
+        .unwrap()
+        .lines()
+        .any(|l| l == "podshaper_pods_limited 110")
+    {
+        assert!(Instant::now() < deadline, "metrics do not count 110 limited pods");
+        thread::sleep(Duration::from_millis(100));
+    }
+    for pod in pods {
+        kubelet.delete_pod(pod).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uninstall_hook_lifts_every_limit() {
+    let Some(_g) = privileged() else { return };
+    let cluster = cluster().await;
+    // The hook's objects are rendered only when helm can see a cluster: render them the way
+    // `helm uninstall` does, against this apiserver.
+    let bin = podshaper_testbed::k8s::bin_dir().unwrap();
+    let admin_kubeconfig = cluster.cp.kubeconfig_admin().unwrap();
+    let out = Command::new(bin.join("helm"))
+        .args([
+            "template",
+            "podshaper",
+            "deploy/helm/podshaper",
+            "--namespace",
+            "kube-system",
+        ])
+        .args(["--dry-run=server", "--show-only", "templates/uninstall-hook.yaml"])
+        .env("KUBECONFIG", &admin_kubeconfig)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hook = String::from_utf8(out.stdout).unwrap();
+    let (rbac, job) = hook.split_once("kind: Job").expect("the hook has a Job");
+    let rbac = rbac.rsplit_once("---").map(|(r, _)| r).unwrap_or(rbac);
+    assert!(job.contains("uninstall"), "{job}");
+    cluster
+        .cp
+        .apply(&cluster.admin, rbac)
+        .await
+        .expect("apply the hook's RBAC");
+
+    // The agent's own pod, as the DaemonSet would make it.
+    let kubelet = kubelet(&cluster, CgroupDriver::Systemd, "");
+    let agent_pod = unique_name("agent");
+    let agents = Kubelet::new(cluster.admin.clone(), NODE, CgroupDriver::Systemd, Path::new("")).unwrap();
+    let me = agents
+        .run_pod_labeled(
+            "kube-system",
+            &agent_pod,
+            &[
+                ("app.kubernetes.io/name", "podshaper"),
+                ("app.kubernetes.io/instance", "podshaper"),
+            ],
+        )
+        .await
+        .unwrap();
+    let agent = agent(&cluster, Some(&agent_pod));
+    let pod = kubelet
+        .run_pod(
+            NS,
+            "limited",
+            QosClass::BestEffort,
+            &[(EGRESS, "10M"), (INGRESS, "10M")],
+            "10.0.0.9",
+        )
+        .await
+        .unwrap();
+    wait_limits(
+        &agent,
+        "limited",
+        Some((Some(10 * M), Some(10 * M))),
+        Duration::from_secs(5),
+    );
+
+    // What the hook Job runs, as the hook's ServiceAccount.
+    let token = cluster
+        .cp
+        .token("kube-system", "podshaper-uninstall")
+        .await
+        .unwrap();
+    let hook_kubeconfig = cluster.cp.kubeconfig(&token, "hook").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_podshaper"))
+        .args(["uninstall", "--namespace", "kube-system", "--timeout", "20"])
+        .args([
+            "--selector",
+            "app.kubernetes.io/name=podshaper,app.kubernetes.io/instance=podshaper",
+        ])
+        .env("KUBECONFIG", &hook_kubeconfig)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("did not confirm"),
+        "uninstall: {stderr}"
+    );
+    assert!(
+        agent.status().unwrap().is_empty(),
+        "limits left after uninstall: {:?}",
+        agent.status().unwrap()
+    );
+    let links = agent.bpffs().join("v1/links");
+    assert_eq!(std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0), 0);
+    kubelet.delete_pod(pod).await.unwrap();
+    agents.delete_pod(me).await.unwrap();
+}
+
+/// helm, built by scripts/k8s-bins.sh, run in the repository.
+fn helm(args: &[&str]) -> String {
+    let bin = podshaper_testbed::k8s::bin_dir().unwrap();
+    let out = Command::new(bin.join("helm"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Takes the lock the traffic tests hold, without needing root: control-plane tests only
+/// compete with them for the CPU.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn the_plain_manifests_are_the_charts_output_and_the_agent_role_is_least_privilege() {
+    let _g = serial();
+    helm(&["lint", "--strict", "deploy/helm/podshaper"]);
+    let rendered = helm(&[
+        "template",
+        "podshaper",
+        "deploy/helm/podshaper",
+        "--namespace",
+        "kube-system",
+    ]);
+    let committed = manifests();
+    let body: String = committed
+        .lines()
+        .skip_while(|l| l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        body == rendered,
+        "deploy/manifests/podshaper.yaml is stale: regenerate it with the command in its header"
+    );
+    // Exactly: read pods, write events. Nothing else, anywhere.
+    let role = rendered
+        .split("\n---\n")
+        .find(|d| d.contains("kind: ClusterRole\n"))
+        .expect("a ClusterRole");
+    let rules: Vec<&str> = role
+        .lines()
+        .skip_while(|l| *l != "rules:")
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "rules:",
+            "  - apiGroups: [\"\"]",
+            "    resources: [pods]",
+            "    verbs: [get, list, watch]",
+            "  - apiGroups: [events.k8s.io]",
+            "    resources: [events]",
+            "    verbs: [create, patch]",
+        ]
+    );
+    let kinds = |k: &str| rendered.lines().filter(|l| *l == format!("kind: {k}")).count();
+    assert_eq!(kinds("ClusterRole"), 1);
+    assert_eq!(kinds("Role"), 0, "the agent needs no namespaced Role");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admission_policy_lets_only_allowed_users_set_limits_up_to_the_maximum() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Patch, PatchParams, PostParams};
+    let _g = serial();
+    let cluster = cluster().await;
+    // The chart with a maximum: the policy is rendered from values, so render and apply it.
+    let policy = helm(&[
+        "template",
+        "podshaper",
+        "deploy/helm/podshaper",
+        "--namespace",
+        "kube-system",
+        "--set",
+        "admissionPolicy.maxRate=1G",
+        "--show-only",
+        "templates/admission-policy.yaml",
+    ]);
+    cluster.cp.apply(&cluster.admin, &policy).await.unwrap();
+    // A developer who may manage pods, but is not among the allowed users or groups.
+    let dev_rbac = format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: dev\n  namespace: {NS}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: dev\n  namespace: {NS}\n\
+         rules:\n- apiGroups: [\"\", apps]\n  resources: [pods, deployments]\n  verbs: [get, create, update, patch]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: dev\n  namespace: {NS}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: dev}}\n\
+         subjects: [{{kind: ServiceAccount, name: dev, namespace: {NS}}}]\n"
+    );
+    cluster.cp.apply(&cluster.admin, &dev_rbac).await.unwrap();
+    let dev = cluster
+        .cp
+        .client(&cluster.cp.token(NS, "dev").await.unwrap())
+        .await
+        .unwrap();
+    let dev_pods: Api<Pod> = Api::namespaced(dev.clone(), NS);
+    let admin_pods: Api<Pod> = Api::namespaced(cluster.admin.clone(), NS);
+    let pod = |name: &str, annotations: &[(&str, &str)]| -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "annotations": annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>()},
+            "spec": {"containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}]},
+        }))
+        .unwrap()
+    };
+    let denied = |r: Result<Pod, kube::Error>| match r {
+        Err(kube::Error::Api(e)) => e.message.contains("podshaper"),
+        _ => false,
+    };
+    // A new policy takes a moment to be enforced.
+    let start = Instant::now();
+    while !denied(
+        dev_pods
+            .create(&PostParams::default(), &pod("early", &[(EGRESS, "10M")]))
+            .await,
+    ) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the policy is never enforced"
+        );
+        let _ = admin_pods.delete("early", &Default::default()).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let annotate =
+        |value: Option<&str>| Patch::Merge(serde_json::json!({"metadata": {"annotations": {EGRESS: value}}}));
+    let pp = PatchParams::default();
+
+    // A developer can run pods, not set or change their limits.
+    dev_pods
+        .create(&PostParams::default(), &pod("plain", &[]))
+        .await
+        .expect("a plain pod is fine");
+    assert!(
+        denied(dev_pods.patch("plain", &pp, &annotate(Some("1G"))).await),
+        "dev set a limit"
+    );
+    admin_pods
+        .patch("plain", &pp, &annotate(Some("10M")))
+        .await
+        .expect("admin may set a limit");
+    assert!(
+        denied(dev_pods.patch("plain", &pp, &annotate(Some("900M"))).await),
+        "dev raised a limit"
+    );
+    assert!(
+        denied(dev_pods.patch("plain", &pp, &annotate(None)).await),
+        "dev removed a limit"
+    );
+    let label = Patch::Merge(serde_json::json!({"metadata": {"labels": {"tier": "web"}}}));
+    dev_pods
+        .patch("plain", &pp, &label)
+        .await
+        .expect("unrelated changes stay allowed");
+
+    // Nobody goes above the maximum or writes a non-quantity, admin included.
+    assert!(
+        denied(admin_pods.patch("plain", &pp, &annotate(Some("2G"))).await),
+        "2G > 1G"
+    );
+    assert!(
+        denied(admin_pods.patch("plain", &pp, &annotate(Some("10Zbit"))).await),
+        "not a quantity"
+    );
+    admin_pods
+        .patch("plain", &pp, &annotate(Some("1G")))
+        .await
+        .expect("the maximum itself");
+
+    // Workload templates are guarded too: controllers copy them into pods.
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(dev, NS);
+    let deploy: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}, "annotations": {EGRESS: "1G"}},
+                "spec": {"containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}]},
+            },
+        },
+    }))
+    .unwrap();
+    match deployments.create(&PostParams::default(), &deploy).await {
+        Err(kube::Error::Api(e)) => assert!(e.message.contains("podshaper"), "{e:?}"),
+        other => panic!("dev created an annotated Deployment: {other:?}"),
+    }
+}
