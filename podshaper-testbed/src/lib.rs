@@ -57,6 +57,24 @@ pub enum Error {
     Datapath(#[from] podshaper_ebpf::Error),
 }
 
+/// Whether a privileged test may run: true as root. Otherwise it prints why the calling test
+/// (named after its thread, as the test harness names it) is skipped, and under CI=true, where
+/// a skip would hide a failure, it panics instead.
+pub fn root_or_skip(needs: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("a privileged test");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: privileged tests must run as root under CI"
+    );
+    eprintln!("SKIPPED {test}: needs root ({needs}); run `sudo make test`");
+    false
+}
+
 /// `ps<pid>-<n><suffix>`, unique in this process; at most 13 characters before the suffix,
 /// so names with a 2-character suffix still fit the 15 characters of an interface name.
 pub fn unique_name(suffix: &str) -> String {

@@ -33,15 +33,7 @@ const NODE: &str = "node-a";
 const NS: &str = "shop";
 
 fn privileged() -> Option<MutexGuard<'static, ()>> {
-    let current = thread::current();
-    let test = current.name().unwrap_or("a Kubernetes test");
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{test}: Kubernetes tests must run as root under CI"
-        );
-        eprintln!("SKIPPED {test}: needs root (BPF, cgroups, netns) and Go; run `sudo make test`");
+    if !podshaper_testbed::root_or_skip("BPF, cgroups, network namespaces; and Go for the control plane") {
         return None;
     }
     Some(serial())
@@ -174,7 +166,24 @@ async fn annotations_limit_a_pod_live_and_everything_goes_with_it() {
         1,
         "one limited pod, one link dir"
     );
-    kubelet.delete_pod(pod).await.unwrap();
+    // Terminating (its containers still run in the grace period), then the object gone while
+    // the cgroup lingers: the limit holds until both are gone.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(cluster.admin.clone(), NS);
+    pods.delete("web", &kube::api::DeleteParams::default().grace_period(30))
+        .await
+        .unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(limits(&agent, "web"), Some((Some(10 * M), None)), "terminating");
+    pods.delete("web", &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        agent.status().unwrap().len(),
+        1,
+        "object gone, cgroup still there"
+    );
+    drop(pod);
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::fs::read_dir(&links).unwrap().count() > 0 || !agent.status().unwrap().is_empty() {
         assert!(

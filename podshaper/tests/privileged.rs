@@ -24,18 +24,7 @@ use podshaper_testbed::{
 
 fn privileged() -> Option<MutexGuard<'static, ()>> {
     static LOCK: Mutex<()> = Mutex::new(());
-    // The test harness names each test's thread after the test.
-    let current = thread::current();
-    let test = current.name().unwrap_or("a privileged test");
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{test}: privileged tests must run as root under CI"
-        );
-        eprintln!(
-            "SKIPPED {test}: needs root (loads BPF, makes cgroups and network namespaces); run `sudo make test`"
-        );
+    if !podshaper_testbed::root_or_skip("loads BPF, makes cgroups and network namespaces") {
         return None;
     }
     Some(LOCK.lock().unwrap_or_else(|e| e.into_inner()))
