@@ -47,7 +47,7 @@ impl State {
             Some(p) => return Err(Error::NotCgroup2(p.to_path_buf())),
             None => cgroup::cgroup2_mount()?,
         };
-        let mut datapath = Datapath::load(Pins::new(root))?;
+        let mut datapath = Datapath::load(Pins::new(root), mount.clone())?;
         datapath.set_peer_pacing(peer_pacing);
         let gone = datapath.collect_garbage(&mount)?;
         if !gone.is_empty() {
@@ -144,7 +144,7 @@ impl State {
         // The loaded programs still use the maps just unpinned: load afresh so new limits
         // land in pinned maps a later daemon can adopt.
         let peer_pacing = self.datapath.peer_pacing();
-        self.datapath = Datapath::load(Pins::new(&root))?;
+        self.datapath = Datapath::load(Pins::new(&root), self.mount.clone())?;
         self.datapath.set_peer_pacing(peer_pacing);
         self.samples.clear();
         self.names.clear();

@@ -69,11 +69,13 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the programs, creating or adopting the pinned maps under `pins`.
+    /// Loads the programs, creating or adopting the pinned maps under `pins`. `mount` is the
+    /// cgroup v2 hierarchy's root, where the peer-pacing program attaches (in a container, the
+    /// host's hierarchy at its bind mount, not the first cgroup2 mount the container sees).
     ///
     /// Minimum kernel version: 5.10 (cgroup bpf_link 5.7, shared cgroup storage 5.9, TCP
     /// header-option callbacks 5.10).
-    pub fn load(pins: Pins) -> Result<Self, Error> {
+    pub fn load(pins: Pins, mount: PathBuf) -> Result<Self, Error> {
         check_kernel()?;
         pins.prepare()?;
         let maps_dir = pins.maps();
@@ -111,7 +113,6 @@ impl Datapath {
             what: format!("read {what}"),
             source,
         })?;
-        let mount = cgroup::cgroup2_mount()?;
         Ok(Self {
             pins,
             mount,

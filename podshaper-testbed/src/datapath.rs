@@ -23,7 +23,7 @@ impl TempDatapath {
     /// Loads the programs with pins under a new private directory.
     pub fn load(label: &str) -> Result<Self, Error> {
         let root = Path::new(BPFFS).join(format!("{label}-{}", unique_name("")));
-        match Datapath::load(Pins::new(&root)) {
+        match Datapath::load(Pins::new(&root), podshaper_ebpf::cgroup::cgroup2_mount()?) {
             Ok(datapath) => Ok(Self { datapath, root }),
             Err(e) => {
                 // Load may have pinned maps before failing.

@@ -606,12 +606,21 @@ pub struct AgentProcess {
     socket: PathBuf,
     metrics: SocketAddr,
     own_pod: Option<String>,
+    capabilities: Vec<String>,
 }
 
 impl AgentProcess {
     /// Starts `program agent` for `node` with `kubeconfig` and waits until it is ready.
     /// `own_pod` is its pod's name in kube-system, where the uninstall signal arrives.
-    pub fn start(program: &Path, node: &str, kubeconfig: &Path, own_pod: Option<&str>) -> Result<Self> {
+    /// `capabilities` (e.g. `["BPF", "NET_ADMIN"]`), when not empty, are all the process gets,
+    /// as a container runtime grants them: the bounding set, no inheritable or ambient ones.
+    pub fn start(
+        program: &Path,
+        node: &str,
+        kubeconfig: &Path,
+        own_pod: Option<&str>,
+        capabilities: &[&str],
+    ) -> Result<Self> {
         let name = unique_name("");
         let mut agent = Self {
             child: None,
@@ -622,6 +631,7 @@ impl AgentProcess {
             socket: std::env::temp_dir().join(format!("{name}.sock")),
             metrics: TcpListener::bind("127.0.0.1:0")?.local_addr()?,
             own_pod: own_pod.map(Into::into),
+            capabilities: capabilities.iter().map(|c| c.to_ascii_lowercase()).collect(),
         };
         agent.restart()?;
         Ok(agent)
@@ -630,7 +640,18 @@ impl AgentProcess {
     /// (Re)starts the process; returns once it has reconciled the node (/readyz).
     pub fn restart(&mut self) -> Result<Duration> {
         let started = Instant::now();
-        let mut cmd = Command::new(&self.program);
+        let mut cmd = if self.capabilities.is_empty() {
+            Command::new(&self.program)
+        } else {
+            // For root, the bounding set is what execve leaves permitted and effective.
+            let caps: Vec<String> = self.capabilities.iter().map(|c| format!("+{c}")).collect();
+            let mut c = Command::new("setpriv");
+            c.args(["--no-new-privs", "--inh-caps=-all", "--ambient-caps=-all"])
+                .arg(format!("--bounding-set=-all,{}", caps.join(",")))
+                .arg("--")
+                .arg(&self.program);
+            c
+        };
         cmd.args(["agent", "--node-name", &self.node, "--metrics-addr"])
             .arg(self.metrics.to_string())
             .arg("--bpffs")

@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod iperf;
 pub mod k8s;
 pub mod netns;
+pub mod sampler;
 pub mod table;
 pub mod tbf;
 

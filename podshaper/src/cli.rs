@@ -154,10 +154,24 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once: most of our errors already print their source.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain().map(|c| c.to_string()) {
+        if !out.contains(&cause) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -350,6 +364,17 @@ mod tests {
         let err =
             Cli::try_parse_from(["podshaper", "limit", "--cgroup", "/x", "--egress", "10Zbit"]).unwrap_err();
         assert!(err.to_string().contains("expected bits per second"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_each_cause_once() {
+        let io = std::io::Error::other("Operation not permitted");
+        let inner = anyhow::Error::new(io).context("open map: Operation not permitted");
+        let e = inner.context("load the datapath");
+        assert_eq!(
+            describe(&e),
+            "load the datapath: open map: Operation not permitted"
+        );
     }
 
     #[test]

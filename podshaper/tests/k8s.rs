@@ -54,9 +54,28 @@ async fn cluster() -> Cluster {
         .expect("control plane with podshaper's manifests")
 }
 
+/// The capabilities the chart grants the agent container (its securityContext's `add`).
+fn chart_capabilities() -> Vec<String> {
+    let m = manifests();
+    let caps: Vec<String> = m
+        .lines()
+        .skip_while(|l| l.trim() != "add:")
+        .skip(1)
+        .map_while(|l| l.trim().strip_prefix("- ").map(str::to_string))
+        .collect();
+    assert!(
+        caps.contains(&"BPF".to_string()),
+        "no capabilities found in the manifests: {caps:?}"
+    );
+    caps
+}
+
+/// The agent with the chart's ServiceAccount and only the chart's capabilities.
 fn agent(cluster: &Cluster, own_pod: Option<&str>) -> AgentProcess {
     let bin = Path::new(env!("CARGO_BIN_EXE_podshaper"));
-    AgentProcess::start(bin, NODE, &cluster.agent_kubeconfig, own_pod).expect("agent")
+    let caps = chart_capabilities();
+    let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+    AgentProcess::start(bin, NODE, &cluster.agent_kubeconfig, own_pod, &caps).expect("agent")
 }
 
 fn kubelet(cluster: &Cluster, driver: CgroupDriver, prefix: &str) -> Kubelet {
@@ -107,6 +126,15 @@ async fn annotations_limit_a_pod_live_and_everything_goes_with_it() {
     let cluster = cluster().await;
     let kubelet = kubelet(&cluster, CgroupDriver::Systemd, "");
     let agent = agent(&cluster, None);
+    // It really runs with the chart's capabilities only: no CAP_SYS_ADMIN (21), CAP_BPF (39).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid().unwrap())).unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    let eff = u64::from_str_radix(eff, 16).unwrap();
+    assert!(eff & (1 << 21) == 0 && eff & (1 << 39) != 0, "CapEff {eff:#x}");
     let pair = NetnsPair::new().unwrap();
 
     let pod = kubelet

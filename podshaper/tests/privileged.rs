@@ -394,9 +394,12 @@ fn pins_of_another_abi_version_are_refused() {
     let dp = TempDatapath::load("abi").expect("load datapath");
     let foreign = dp.root().join("v99");
     std::fs::create_dir(&foreign).expect("make v99");
-    let err = podshaper_ebpf::Datapath::load(podshaper_ebpf::pins::Pins::new(dp.root()))
-        .err()
-        .expect("refused");
+    let err = podshaper_ebpf::Datapath::load(
+        podshaper_ebpf::pins::Pins::new(dp.root()),
+        podshaper_ebpf::cgroup::cgroup2_mount().unwrap(),
+    )
+    .err()
+    .expect("refused");
     assert!(err.to_string().contains("ABI version 99"), "{err}");
     std::fs::remove_dir(&foreign).expect("remove v99");
 }

@@ -16,6 +16,7 @@ use podshaper_testbed::{
     bpf_stats::{self, ProgStats},
     iperf::Protocol,
     run_client,
+    sampler::{self, InOctetsSampler},
     tbf::CONTAINERD_BURST_BITS,
     Cgroup, ClientOptions, IperfReport, IperfServer, NetnsPair, ServerOptions, Table, Tbf, TempDatapath,
     Traffic, L3,
@@ -188,9 +189,9 @@ fn run(args: Args) -> Result<()> {
         eprint!("[{}/{}] {} ... ", i + 1, cases.len(), case.label());
         let t0 = Instant::now();
         let row = match run_case(&pair, datapath.as_mut(), case, secs, args.tbf_burst) {
-            Ok((report, note)) => {
-                let row = row(case, &report);
-                let sent = report.sent_bps / case.target as f64;
+            Ok((m, note)) => {
+                let row = row(case, &m);
+                let sent = m.report.sent_bps / case.target as f64;
                 eprintln!(
                     "achieved {} worst {} retx/loss {} sent {sent:.2}{note} [{:.1} s]",
                     row[6],
@@ -294,14 +295,22 @@ fn matrix(args: &Args) -> Vec<Case> {
     cases
 }
 
-/// Runs one case in a fresh cgroup; returns the report and a note on what the shaper did.
+/// What one case measured.
+struct Measured {
+    report: IperfReport,
+    /// Highest 100 ms rate over the mean rate of the receiver's IP counter, after the first
+    /// second.
+    peak_over_mean: Option<f64>,
+}
+
+/// Runs one case in a fresh cgroup; returns what it measured and a note on what the shaper did.
 fn run_case(
     pair: &NetnsPair,
     datapath: Option<&mut TempDatapath>,
     case: &Case,
     secs: u32,
     tbf_burst: u64,
-) -> Result<(IperfReport, String)> {
+) -> Result<(Measured, String)> {
     let cg = Cgroup::new("bench")?;
     let limit = Some(case.target);
     let traffic = match case.cc {
@@ -325,8 +334,8 @@ fn run_case(
     match case.shaper {
         Shaper::TbfCni => {
             let _tbf = Tbf::add(pair, limit, limit, tbf_burst).context("bandwidth plugin ADD")?;
-            let report = measure(pair, &cg, &client)?;
-            Ok((report, String::new()))
+            let m = measure(pair, &cg, &client, case.dir)?;
+            Ok((m, String::new()))
         }
         Shaper::Podshaper => {
             let Some(dp) = datapath else {
@@ -340,7 +349,7 @@ fn run_case(
                 },
             )
             .context("set limits")?;
-            let report = measure(pair, &cg, &client);
+            let report = measure(pair, &cg, &client, case.dir);
             let note = match dp.state(cg.id()) {
                 Ok(Some(s)) => {
                     let d = if case.dir == Dir::Egress { 0 } else { 1 };
@@ -357,10 +366,28 @@ fn run_case(
     }
 }
 
-/// One iperf3 test: the server in B, the client in A inside `cg`.
-fn measure(pair: &NetnsPair, cg: &Cgroup, client: &ClientOptions) -> Result<IperfReport> {
+/// One iperf3 test: the server in B, the client in A inside `cg`; the receiving namespace's IP
+/// counter is sampled every 100 ms meanwhile.
+fn measure(pair: &NetnsPair, cg: &Cgroup, client: &ClientOptions, dir: Dir) -> Result<Measured> {
     let _server = IperfServer::start(pair.b(), None, &ServerOptions::default())?;
-    Ok(run_client(pair.a(), Some(cg), client)?)
+    let receiver = if dir == Dir::Egress { pair.b() } else { pair.a() };
+    let sampler = InOctetsSampler::start(receiver, Duration::from_millis(100))?;
+    let t0 = Instant::now();
+    let report = run_client(pair.a(), Some(cg), client);
+    let samples = sampler.finish()?;
+    let report = report?;
+    // The client connects within a few ms of t0; its last interval ends at t0 + secs.
+    let window = (
+        t0 + Duration::from_secs_f64(SKIP_SECS + 0.1),
+        t0 + Duration::from_secs(client.secs.into()),
+    );
+    let peak_over_mean = sampler::peak_and_mean(&samples, window.0, window.1)
+        .filter(|(_, mean)| *mean > 0.0)
+        .map(|(peak, mean)| peak / mean);
+    Ok(Measured {
+        report,
+        peak_over_mean,
+    })
 }
 
 fn l3(report: &IperfReport) -> L3 {
@@ -381,7 +408,8 @@ fn row_head(case: &Case) -> Vec<String> {
     ]
 }
 
-fn row(case: &Case, r: &IperfReport) -> Vec<String> {
+fn row(case: &Case, m: &Measured) -> Vec<String> {
+    let r = &m.report;
     let t = case.target as f64;
     let conv = l3(r);
     let ratio = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}", conv.l3_bps(v) / t));
@@ -389,7 +417,13 @@ fn row(case: &Case, r: &IperfReport) -> Vec<String> {
     row.push(ratio(Some(r.received_bps)));
     row.push(format!("{:.2}", r.received_bps / t));
     row.push(ratio(r.mean_after_bps(SKIP_SECS)));
-    row.push(ratio(r.worst_interval_bps(SKIP_SECS)));
+    // The steady rate (the application's, in L3 bytes) times the receiver IP counter's peak
+    // 100 ms over its mean: the counter sees bursts as they arrive, whatever the reads.
+    let worst = r
+        .mean_after_bps(SKIP_SECS)
+        .zip(m.peak_over_mean)
+        .map(|(steady, p)| conv.l3_bps(steady) * p / t);
+    row.push(worst.map_or("-".into(), |w| format!("{w:.2}")));
     row.push(match (r.retransmits, r.lost_percent()) {
         (Some(n), _) => n.to_string(),
         (None, Some(p)) => format!("{p:.1}%"),
@@ -435,12 +469,12 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
             let (mut base, mut shaped) = (Vec::new(), Vec::new());
             for _ in 0..OVERHEAD_RUNS {
                 let cg = Cgroup::new("bench-base")?;
-                base.push(measure(pair, &cg, &client)?.received_bps);
+                base.push(measure(pair, &cg, &client, dir)?.report.received_bps);
                 let cg = Cgroup::new("bench-high")?;
                 dp.set(&cg.dir()?, limits)?;
-                let r = measure(pair, &cg, &client);
+                let r = measure(pair, &cg, &client, dir);
                 dp.remove(cg.id())?;
-                shaped.push(r?.received_bps);
+                shaped.push(r?.report.received_bps);
             }
             let (base, shaped) = (median(&mut base), median(&mut shaped));
             let (egress, ingress, sockops) = {
@@ -449,7 +483,7 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
                 let r = (|| -> Result<_> {
                     let _stats = bpf_stats::enable_stats()?;
                     let before = bpf_stats::cgroup_programs(cg.path())?;
-                    measure(pair, &cg, &client)?;
+                    measure(pair, &cg, &client, dir)?;
                     let after = bpf_stats::cgroup_programs(cg.path())?;
                     let per_run = |kind: &str| ns_per_run(&before, &after, kind);
                     Ok((per_run("egress"), per_run("ingress"), per_run("sock_ops")))
