@@ -616,7 +616,10 @@ fn method(args: &Args, secs: u32) -> Vec<String> {
         ),
         "achieved: L3 bytes/s at the receiver over the whole test (IP header + payload of every \
          segment, from goodput: TCP x1500/1448, UDP x1428/1400); goodput: payload only; steady: \
-         mean L3 rate after the first second; worst100ms: highest 100 ms L3 rate after the first second"
+         mean L3 rate after the first second; worst100ms: steady x the highest 100 ms rate over the \
+         mean rate of the receiving namespace's IP counter (IpExt InOctets, sampled every 100 ms \
+         from a thread in that namespace) after the first second: it sees bursts as they arrive, \
+         not as iperf3 reads them; for podshaper ingress it also counts what the policer then drops"
             .into(),
         "egress = the pod sends, ingress = the pod receives (iperf3 -R); UDP: 1400-byte datagrams \
          offered at 2x target in total, the last column is the share of sent bytes that never arrived"
@@ -654,10 +657,9 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
     writeln!(
         md,
         "- A limit holds when achieved/target and worst100ms/target are close to 1. Below 1 the pod \
-         gets less than it is allowed; above 1 the limit leaks. worst100ms comes from iperf3's \
-         receiver intervals, which count what the application read: iperf3 reads up to 128 KB at \
-         a time, 100 ms of traffic at 10M, so at low rates one interval can show two intervals' \
-         data; treat worst100ms below 100M as an upper bound.\n\
+         gets less than it is allowed; above 1 the limit leaks. worst100ms comes from the \
+         receiving namespace's IP counter, not from iperf3's intervals: iperf3 reads up to 128 KB at \
+         a time, 100 ms of traffic at 10M, so its intervals at low rates show reads, not arrivals.\n\
          - tbf-cni's achieved/target is far above 1 at low rates because containerd's burst gives the \
          TBF a 512 MiB bucket (193 MB at 10M, where the plugin's arithmetic wraps), and a new bucket \
          starts full: the first few hundred megabytes pass at line rate. steady/target shows the \
