@@ -83,6 +83,8 @@ struct Tracked {
     applied: Option<(PathBuf, Wanted)>,
     /// The last problem reported in an Event, so a pod is not told the same thing twice.
     reported: Option<String>,
+    /// The last "cut to the maximum" warning, kept apart: the limit is in force all the same.
+    capped: Option<String>,
     /// Cgroup lookups that failed in a row, and when to try again.
     missing: u32,
     retry_at: Option<Instant>,
@@ -207,6 +209,7 @@ impl Reconciler {
             pod: view.clone(),
             applied: None,
             reported: None,
+            capped: None,
             missing: 0,
             retry_at: None,
         });
@@ -321,8 +324,15 @@ impl Reconciler {
                     t.retry_at = None;
                 }
                 self.clear_problem(uid);
-                for line in &parsed.clamped {
-                    self.report(uid, &pod.reference, "BandwidthCapped", line).await;
+                let capped = (!parsed.clamped.is_empty()).then(|| parsed.clamped.join("; "));
+                let new = self.pods.get_mut(uid).and_then(|t| {
+                    let changed = t.capped != capped;
+                    t.capped = capped.clone();
+                    capped.filter(|_| changed)
+                });
+                if let Some(note) = new {
+                    self.publish(&pod.reference, EventType::Warning, "BandwidthCapped", &note)
+                        .await;
                 }
                 if before != wanted {
                     info!(pod = %pod.key(), cgroup = %dir.display(), %wanted, "limits applied");

@@ -607,6 +607,7 @@ pub struct AgentProcess {
     metrics: SocketAddr,
     own_pod: Option<String>,
     capabilities: Vec<String>,
+    extra_args: Vec<String>,
 }
 
 impl AgentProcess {
@@ -614,12 +615,14 @@ impl AgentProcess {
     /// `own_pod` is its pod's name in kube-system, where the uninstall signal arrives.
     /// `capabilities` (e.g. `["BPF", "NET_ADMIN"]`), when not empty, are all the process gets,
     /// as a container runtime grants them: the bounding set, no inheritable or ambient ones.
+    /// `extra_args` go last on the command line (e.g. `--max-rate 1G`).
     pub fn start(
         program: &Path,
         node: &str,
         kubeconfig: &Path,
         own_pod: Option<&str>,
         capabilities: &[&str],
+        extra_args: &[&str],
     ) -> Result<Self> {
         let name = unique_name("");
         let mut agent = Self {
@@ -632,6 +635,7 @@ impl AgentProcess {
             metrics: TcpListener::bind("127.0.0.1:0")?.local_addr()?,
             own_pod: own_pod.map(Into::into),
             capabilities: capabilities.iter().map(|c| c.to_ascii_lowercase()).collect(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         agent.restart()?;
         Ok(agent)
@@ -667,6 +671,7 @@ impl AgentProcess {
         if let Some(pod) = &self.own_pod {
             cmd.args(["--pod-name", pod, "--pod-namespace", "kube-system"]);
         }
+        cmd.args(&self.extra_args);
         self.child = Some(cmd.spawn().context("start podshaper agent")?);
         while started.elapsed() < Duration::from_secs(30) {
             if http_get(self.metrics, "/readyz").is_some_and(|(code, _)| code == 200) {

@@ -72,10 +72,14 @@ fn chart_capabilities() -> Vec<String> {
 
 /// The agent with the chart's ServiceAccount and only the chart's capabilities.
 fn agent(cluster: &Cluster, own_pod: Option<&str>) -> AgentProcess {
+    agent_with(cluster, own_pod, &[])
+}
+
+fn agent_with(cluster: &Cluster, own_pod: Option<&str>, args: &[&str]) -> AgentProcess {
     let bin = Path::new(env!("CARGO_BIN_EXE_podshaper"));
     let caps = chart_capabilities();
     let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
-    AgentProcess::start(bin, NODE, &cluster.agent_kubeconfig, own_pod, &caps).expect("agent")
+    AgentProcess::start(bin, NODE, &cluster.agent_kubeconfig, own_pod, &caps, args).expect("agent")
 }
 
 fn kubelet(cluster: &Cluster, driver: CgroupDriver, prefix: &str) -> Kubelet {
@@ -227,7 +231,8 @@ async fn a_malformed_annotation_changes_nothing_and_says_why() {
     let Some(_g) = privileged() else { return };
     let cluster = cluster().await;
     let kubelet = kubelet(&cluster, CgroupDriver::Cgroupfs, "");
-    let agent = agent(&cluster, None);
+    // With an agent-wide maximum, to see a too-high limit cut to it.
+    let agent = agent_with(&cluster, None, &["--max-rate", "1G"]);
     let a = kubelet
         .run_pod(NS, "a", QosClass::Guaranteed, &[(EGRESS, "10M")], "10.0.0.1")
         .await
@@ -265,6 +270,38 @@ async fn a_malformed_annotation_changes_nothing_and_says_why() {
     // Fixed, it applies again.
     kubelet.annotate(NS, "a", &[(EGRESS, Some("15M"))]).await.unwrap();
     wait_limits(&agent, "a", Some((Some(15 * M), None)), Duration::from_secs(2));
+
+    // Above the agent's maximum: cut to it, said once (not again on unrelated updates).
+    kubelet.annotate(NS, "a", &[(INGRESS, Some("2G"))]).await.unwrap();
+    wait_limits(
+        &agent,
+        "a",
+        Some((Some(15 * M), Some(1000 * M))),
+        Duration::from_secs(2),
+    );
+    let note = cluster
+        .wait_event(NS, "a", "BandwidthCapped", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(note.contains("maximum of 1G"), "{note}");
+    kubelet
+        .annotate(NS, "a", &[("unrelated", Some("x"))])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A repeat would show as a second Event or as a series on the first (the recorder merges).
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cluster.admin.clone(), NS);
+    let capped: Vec<_> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("BandwidthCapped"))
+        .collect();
+    assert_eq!(capped.len(), 1, "{capped:?}");
+    assert!(capped[0].series.is_none(), "said again: {:?}", capped[0].series);
+    kubelet.annotate(NS, "a", &[(INGRESS, None)]).await.unwrap();
 
     // A pod whose cgroup never shows up: retried, then an Event; nobody else is touched.
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(cluster.admin.clone(), NS);
@@ -345,7 +382,25 @@ async fn the_limit_never_lapses_while_the_agent_restarts() {
         Some((Some(20 * M), None)),
         Duration::from_secs(2),
     );
-    kubelet.delete_pod(pod).await.unwrap();
+
+    // A pod deleted while no agent runs: the next agent's first list does not have it, so its
+    // limit goes even though its cgroup is still there.
+    agent.kill();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(cluster.admin.clone(), NS);
+    pods.delete("steady", &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_dir(agent.bpffs().join("v1/links")).unwrap().count(),
+        1
+    );
+    agent.restart().unwrap();
+    assert!(
+        agent.status().unwrap().is_empty(),
+        "stale limit kept: {:?}",
+        agent.status()
+    );
+    drop(pod);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,7 +93,7 @@ async fn run(args: &Args) -> Result<()> {
     eprintln!("starting etcd and kube-apiserver");
     let cluster = Cluster::start(&manifests, NS).await?;
     let kubelet = cluster.kubelet(NODE, CgroupDriver::Systemd, "")?;
-    let mut agent = AgentProcess::start(&agent_bin, NODE, &cluster.agent_kubeconfig, None, &[])?;
+    let mut agent = AgentProcess::start(&agent_bin, NODE, &cluster.agent_kubeconfig, None, &[], &[])?;
     let mut pods: Vec<RunningPod> = Vec::new();
     let result = measure(args, &cluster, &kubelet, &mut agent, &mut pods).await;
     for pod in pods {
