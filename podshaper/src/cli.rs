@@ -92,6 +92,7 @@ enum Command {
     /// Remove every limit and all pinned state (what an uninstall runs). Works without a
     /// running daemon.
     Reset {
+        /// bpffs directory for podshaper's pinned programs, maps and links.
         #[arg(long, env = "PODSHAPER_BPFFS", default_value = DEFAULT_ROOT)]
         bpffs: PathBuf,
     },
@@ -124,6 +125,7 @@ struct AgentArgs {
     /// /proc/self/mountinfo if not given.
     #[arg(long, env = "PODSHAPER_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
+    /// bpffs directory for podshaper's pinned programs, maps and links.
     #[arg(long, env = "PODSHAPER_BPFFS", default_value = DEFAULT_ROOT)]
     bpffs: PathBuf,
     /// Do not pace senders on this node toward ingress-limited pods.
