@@ -14,10 +14,7 @@ use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
-    runtime::{
-        events::{Recorder, Reporter},
-        watcher, WatchStreamExt,
-    },
+    runtime::{events::Reporter, watcher, WatchStreamExt},
     Api, Client,
 };
 use podshaper_api::Rate;
@@ -54,7 +51,7 @@ pub async fn run(opts: Options) -> Result<()> {
     };
 
     let socket = opts.daemon.socket.clone();
-    let server = tokio::spawn({
+    let mut server = tokio::spawn({
         let (state, stop) = (state.clone(), stopped(stop_rx.clone()));
         async move { podshaper_daemon::serve(&socket, state, stop).await }
     });
@@ -72,12 +69,8 @@ pub async fn run(opts: Options) -> Result<()> {
         driver: opts.driver,
         own_pod: opts.own_pod.clone(),
     };
-    let mut reconciler = reconcile::Reconciler::new(
-        state.clone(),
-        Recorder::new(client.clone(), reporter),
-        metrics.clone(),
-        settings,
-    );
+    let mut reconciler =
+        reconcile::Reconciler::new(state.clone(), client.clone(), reporter, metrics.clone(), settings);
     // Only this node's pods: the apiserver filters, so the agent's memory does not grow with
     // the cluster.
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name));
@@ -89,6 +82,16 @@ pub async fn run(opts: Options) -> Result<()> {
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            // The socket task also ticks the datapath (rates, state of removed cgroups): the
+            // agent cannot run on without it.
+            ended = &mut server => {
+                let why = match ended {
+                    Ok(Ok(())) => "stopped".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                anyhow::bail!("local API on {}: {why}", opts.daemon.socket.display());
+            }
             event = pods.next() => match event {
                 Some(Ok(event)) => reconciler.on_event(event).await,
                 // The watcher retries with backoff; limits stay as they are meanwhile.

@@ -11,7 +11,7 @@ use std::{
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::{
     runtime::{
-        events::{Event, EventType, Recorder},
+        events::{Event, EventType, Recorder, Reporter},
         watcher,
     },
     Resource, ResourceExt,
@@ -103,7 +103,8 @@ pub struct Settings {
 pub struct Reconciler {
     state: Arc<Mutex<State>>,
     cgroup_root: PathBuf,
-    recorder: Recorder,
+    client: kube::Client,
+    reporter: Reporter,
     metrics: Arc<Metrics>,
     settings: Settings,
     pods: HashMap<String, Tracked>,
@@ -115,7 +116,8 @@ pub struct Reconciler {
 impl Reconciler {
     pub fn new(
         state: Arc<Mutex<State>>,
-        recorder: Recorder,
+        client: kube::Client,
+        reporter: Reporter,
         metrics: Arc<Metrics>,
         settings: Settings,
     ) -> Self {
@@ -126,7 +128,8 @@ impl Reconciler {
         Self {
             state,
             cgroup_root,
-            recorder,
+            client,
+            reporter,
             metrics,
             settings,
             pods: HashMap::new(),
@@ -222,7 +225,17 @@ impl Reconciler {
 
     /// Lifts every limit on the node: the chart is being uninstalled.
     async fn lift_all(&mut self, own: &ObjectReference) {
-        match self.ask(Request::Reset) {
+        // Reset detaches everything and loads fresh maps; unpin those too, so an uninstalled
+        // node keeps no podshaper state at all.
+        let reset = self.ask(Request::Reset).and_then(|_| {
+            let root = self
+                .state
+                .lock()
+                .map_err(|_| "daemon state is poisoned".to_string())?
+                .bpffs_root();
+            podshaper_ebpf::reset(&root).map_err(|e| e.to_string())
+        });
+        match reset {
             Ok(_) => {
                 info!("uninstall requested: lifted every limit on this node");
                 self.uninstalled = true;
@@ -251,7 +264,11 @@ impl Reconciler {
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, reference).await {
+        // A recorder per Event: one kept across Events merges those with the same reason on the
+        // same pod into a series that keeps the FIRST note ("limited to 20M" after a change to
+        // 50M). The agent already says each thing once.
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        if let Err(e) = recorder.publish(&event, reference).await {
             warn!(error = %e, reason, "publish event");
         }
     }
@@ -267,14 +284,15 @@ impl Reconciler {
             Ok(p) => p,
             Err(e) => {
                 // Nothing changes: not this pod's current limit, not any other pod.
-                self.metrics
-                    .invalid_annotations
-                    .get_or_create(&pod.labels())
-                    .inc();
                 let note = format!(
                     "{e}. The limit in force (if any) is unchanged. Accepted: a Kubernetes quantity of bits/s from 1k to 1P, like 10M or 1.5G"
                 );
-                self.report(uid, &pod.reference, "InvalidBandwidth", &note).await;
+                if self.report(uid, &pod.reference, "InvalidBandwidth", &note).await {
+                    self.metrics
+                        .invalid_annotations
+                        .get_or_create(&pod.labels())
+                        .inc();
+                }
                 return;
             }
         };
@@ -299,10 +317,13 @@ impl Reconciler {
             .filter(|d| d.is_dir())
             .or_else(|| podcgroup::find(&self.cgroup_root, &pod.uid, pod.qos, self.settings.driver));
         let Some(dir) = dir else {
-            if wanted.is_none() {
+            // A finished pod's cgroup is gone for good: nothing to wait for.
+            let finished = matches!(pod.phase.as_str(), "Succeeded" | "Failed");
+            if wanted.is_none() || finished {
                 // Nothing to lift: the cgroup and its state are gone.
                 if let Some(t) = self.pods.get_mut(uid) {
                     t.applied = None;
+                    t.retry_at = None;
                 }
                 return;
             }
@@ -397,15 +418,18 @@ impl Reconciler {
         }
     }
 
-    /// A warning Event, once per distinct problem.
-    async fn report(&mut self, uid: &str, reference: &ObjectReference, reason: &str, note: &str) {
-        let Some(t) = self.pods.get_mut(uid) else { return };
+    /// A warning Event, once per distinct problem; whether this one was new.
+    async fn report(&mut self, uid: &str, reference: &ObjectReference, reason: &str, note: &str) -> bool {
+        let Some(t) = self.pods.get_mut(uid) else {
+            return false;
+        };
         if t.reported.as_deref() == Some(note) {
-            return;
+            return false;
         }
         t.reported = Some(note.to_string());
         warn!(pod = %t.pod.key(), reason, note, "problem");
         self.publish(reference, EventType::Warning, reason, note).await;
+        true
     }
 
     fn clear_problem(&mut self, uid: &str) {
@@ -414,24 +438,36 @@ impl Reconciler {
         }
     }
 
-    /// Removes limits of pod cgroups whose pod is not on this node any more (deleted while
-    /// no agent ran). Cgroups that are not pods' (limited with the CLI) are left alone.
+    /// Removes limits of pod cgroups whose pod is not on this node any more, or no longer asks
+    /// for one (deleted or unannotated while no agent ran). Cgroups that are not pods'
+    /// (limited with the CLI) are left alone.
     fn remove_stale(&mut self) {
         let known: HashSet<&str> = self.pods.keys().map(String::as_str).collect();
         let Ok(Response::Status { cgroups }) = self.ask(Request::Status { cgroup: None }) else {
             return;
         };
+        // Pods that ask for no limit (their annotations went while no agent ran).
+        let unannotated: HashSet<&str> = self
+            .pods
+            .iter()
+            .filter(|(_, t)| {
+                annotations::parse(Some(&t.pod.annotations), None).is_ok_and(|p| p.wanted.is_none())
+            })
+            .map(|(u, _)| u.as_str())
+            .collect();
         for c in cgroups {
             let Some(uid) = podcgroup::pod_uid_of(&c.cgroup) else {
                 continue;
             };
-            if known.contains(uid.as_str()) {
+            if known.contains(uid.as_str()) && !unannotated.contains(uid.as_str()) {
                 continue;
             }
             match self.ask(Request::Unlimit {
                 cgroup: c.cgroup.clone(),
             }) {
-                Ok(_) => info!(cgroup = %c.cgroup.display(), uid, "removed the limit of a pod that is gone"),
+                Ok(_) => {
+                    info!(cgroup = %c.cgroup.display(), uid, "removed the limit of a pod that is gone or asks for none")
+                }
                 Err(e) => warn!(cgroup = %c.cgroup.display(), error = %e, "remove stale limit"),
             }
         }

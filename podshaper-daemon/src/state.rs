@@ -199,6 +199,11 @@ impl State {
         self.names.remove(&id);
     }
 
+    /// The bpffs directory of the pinned state.
+    pub fn bpffs_root(&self) -> PathBuf {
+        self.datapath.pins().root().to_path_buf()
+    }
+
     /// The cgroup v2 hierarchy this state works in.
     pub fn cgroup_mount(&self) -> &Path {
         &self.mount

@@ -174,6 +174,14 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		if (d->flows_cur > d->flows_prev)
 			ps_set_share(d, rate);
 	}
+	// Ingress brake: in debt with a gain above the equal split, the flows are using what idle
+	// flows left them all at once. Back to the equal split now rather than at the epoch's end,
+	// so senders re-pace at their next ACK before the policer drops whole GRO packets (dozens
+	// of segments each). Egress needs none: CN signals the sender without a loss.
+	if (dir == PS_INGRESS && p.tcp && d->tokens < 0 && d->gain > PS_GAIN_ONE) {
+		d->gain = PS_GAIN_ONE;
+		ps_set_share(d, rate);
+	}
 	// Republish this socket's ingress share when it changed (a flow joined or left, an epoch
 	// ended), on a SYN, and once per epoch so that the entry never ages past PS_PEER_TTL_NS
 	// while the flow moves data: senders on this node re-pace at their next ACK.
@@ -182,14 +190,6 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		refresh = refresh || p.syn || (fl && fl->published != share);
 		if (fl)
 			fl->published = share;
-	}
-	// Ingress brake: in debt with a gain above the equal split, the flows are using what idle
-	// flows left them all at once. Back to the equal split now rather than at the epoch's end,
-	// so senders re-pace at their next ACK before the policer drops whole GRO packets (dozens
-	// of segments each). Egress needs none: CN signals the sender without a loss.
-	if (dir == PS_INGRESS && p.tcp && d->tokens < 0 && d->gain > PS_GAIN_ONE) {
-		d->gain = PS_GAIN_ONE;
-		ps_set_share(d, rate);
 	}
 	if (!p.tcp) {
 		if (d->tokens <= 0)

@@ -58,6 +58,10 @@ enum Command {
         /// How long to wait for the agents, in seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Succeed even if some agents did not confirm (their nodes are down, say). By default
+        /// that fails, so `helm uninstall` stops before limits could outlive the chart.
+        #[arg(long)]
+        ignore_unconfirmed: bool,
     },
     /// Set or change the limits of a cgroup v2 directory and everything below it. Applies
     /// live; a direction not given keeps its limit, `none` removes it.
@@ -210,6 +214,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             namespace,
             selector,
             timeout,
+            ignore_unconfirmed,
         } => {
             let silent = rt.block_on(podshaper_agent::signal_uninstall(
                 &namespace,
@@ -217,10 +222,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 std::time::Duration::from_secs(timeout),
             ))?;
             if !silent.is_empty() {
-                eprintln!(
-                    "warning: these agents did not confirm; run `podshaper reset` on their nodes: {}",
+                let msg = format!(
+                    "these agents did not confirm that they lifted their node's limits: {}; run `podshaper reset` on their nodes",
                     silent.join(", ")
                 );
+                if !ignore_unconfirmed {
+                    bail!("{msg} (or pass --ignore-unconfirmed)");
+                }
+                eprintln!("warning: {msg}");
             }
         }
         Command::Limit {

@@ -4,8 +4,9 @@
 //! kubelet runs here: the testbed's `Kubelet` creates pods bound to the node, their cgroups
 //! where a kubelet puts them, and their status.
 //!
-//! Needs root (BPF, cgroups, network namespaces) and Go (the first run builds the control
-//! plane, ~10 minutes). Without root each test says so and passes, except under CI=true.
+//! Needs Go (the first run builds the control plane, ~6 minutes) and, for all but the chart
+//! and admission-policy tests, root (BPF, cgroups, network namespaces): without root those say
+//! so and pass, except under CI=true.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 // The guard serialises whole tests (each has its own runtime), so holding it across awaits is
 // the point.
@@ -164,6 +165,21 @@ async fn annotations_limit_a_pod_live_and_everything_goes_with_it() {
         Some((Some(50 * M), Some(30 * M))),
         Duration::from_secs(1),
     );
+    // The change is its own Event, with its own note (not a repeat of the first one).
+    let start = Instant::now();
+    while !cluster
+        .events(NS, "web", "BandwidthLimited")
+        .await
+        .unwrap()
+        .iter()
+        .any(|n| n.contains("egress limited to 50M, ingress limited to 30M"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no Event for the change"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     eprintln!("annotation change enforced after {took:?}");
     assert_near("egress 50M", pod_rate(&pair, &pod, 4, false), 50 * M);
     assert_near("ingress 30M", pod_rate(&pair, &pod, 4, true), 30 * M);
@@ -383,6 +399,26 @@ async fn the_limit_never_lapses_while_the_agent_restarts() {
         Duration::from_secs(2),
     );
 
+    // The annotation removed while no agent runs: the next agent lifts the limit.
+    agent.kill();
+    kubelet.annotate(NS, "steady", &[(EGRESS, None)]).await.unwrap();
+    agent.restart().unwrap();
+    assert!(
+        agent.status().unwrap().is_empty(),
+        "limit kept: {:?}",
+        agent.status()
+    );
+    kubelet
+        .annotate(NS, "steady", &[(EGRESS, Some("20M"))])
+        .await
+        .unwrap();
+    wait_limits(
+        &agent,
+        "steady",
+        Some((Some(20 * M), None)),
+        Duration::from_secs(2),
+    );
+
     // A pod deleted while no agent runs: the next agent's first list does not have it, so its
     // limit goes even though its cgroup is still there.
     agent.kill();
@@ -551,8 +587,11 @@ async fn the_uninstall_hook_lifts_every_limit() {
         "limits left after uninstall: {:?}",
         agent.status().unwrap()
     );
-    let links = agent.bpffs().join("v1/links");
-    assert_eq!(std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0), 0);
+    // Not a link, map or pin left on the node.
+    let pins = std::fs::read_dir(agent.bpffs().join("v1"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(pins, 0, "pins left under {}", agent.bpffs().display());
     kubelet.delete_pod(pod).await.unwrap();
     agents.delete_pod(me).await.unwrap();
 }
