@@ -87,6 +87,8 @@ struct Tracked {
     capped: Option<String>,
     /// Cgroup lookups that failed in a row, and when to try again.
     missing: u32,
+    /// Failed applies in a row (the datapath refused), for the retry backoff.
+    failures: u32,
     retry_at: Option<Instant>,
 }
 
@@ -111,6 +113,7 @@ pub struct Reconciler {
     /// UIDs listed since the watch (re)started, to drop pods deleted while it was down.
     listing: Option<HashSet<String>>,
     uninstalled: bool,
+    ticks: u64,
 }
 
 impl Reconciler {
@@ -135,6 +138,7 @@ impl Reconciler {
             pods: HashMap::new(),
             listing: None,
             uninstalled: false,
+            ticks: 0,
         }
     }
 
@@ -214,11 +218,13 @@ impl Reconciler {
             reported: None,
             capped: None,
             missing: 0,
+            failures: 0,
             retry_at: None,
         });
         t.pod = view;
         // A change to the pod is news: look for its cgroup again right away.
         t.missing = 0;
+        t.failures = 0;
         t.retry_at = None;
         self.reconcile(&uid).await;
     }
@@ -342,6 +348,7 @@ impl Reconciler {
                 if let Some(t) = self.pods.get_mut(uid) {
                     t.applied = (!wanted.is_none()).then(|| (dir.clone(), wanted));
                     t.missing = 0;
+                    t.failures = 0;
                     t.retry_at = None;
                 }
                 self.clear_problem(uid);
@@ -368,6 +375,9 @@ impl Reconciler {
             }
             Err(e) => {
                 self.metrics.apply_errors.get_or_create(&pod.labels()).inc();
+                if let Some(t) = self.pods.get_mut(uid) {
+                    t.failures += 1;
+                }
                 self.schedule_retry(uid);
                 let note = format!("applying {wanted} to {} failed: {e}", dir.display());
                 self.report(uid, &pod.reference, "LimitFailed", &note).await;
@@ -412,7 +422,7 @@ impl Reconciler {
 
     fn schedule_retry(&mut self, uid: &str) {
         if let Some(t) = self.pods.get_mut(uid) {
-            let n = t.missing.clamp(1, 16);
+            let n = t.missing.max(t.failures).clamp(1, 16);
             let delay = (FIRST_RETRY * 2u32.saturating_pow(n - 1)).min(MAX_RETRY);
             t.retry_at = Some(Instant::now() + delay);
         }
@@ -476,12 +486,33 @@ impl Reconciler {
     /// Retries pods whose cgroup was missing and refreshes the metrics. Called once a second.
     pub async fn tick(&mut self) {
         let now = Instant::now();
-        let due: Vec<String> = self
+        self.ticks += 1;
+        let mut due: Vec<String> = self
             .pods
             .iter()
             .filter(|(_, t)| t.retry_at.is_some_and(|at| at <= now))
             .map(|(u, _)| u.clone())
             .collect();
+        // Every 10 s, also pods whose limits in force differ from what was applied (a
+        // `podshaper reset` or `unlimit` on the node): the annotations win.
+        if self.ticks.is_multiple_of(10) {
+            let drifted: Vec<String> = self
+                .pods
+                .iter()
+                .filter(|(_, t)| {
+                    t.applied
+                        .as_ref()
+                        .is_some_and(|(dir, w)| self.limits_in_force(dir) != *w)
+                })
+                .map(|(u, _)| u.clone())
+                .collect();
+            for uid in drifted {
+                if let Some(t) = self.pods.get_mut(&uid) {
+                    t.applied = None;
+                }
+                due.push(uid);
+            }
+        }
         for uid in due {
             if let Some(t) = self.pods.get_mut(&uid) {
                 t.retry_at = None;

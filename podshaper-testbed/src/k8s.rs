@@ -698,6 +698,11 @@ impl AgentProcess {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The agent's socket (the daemon's local API).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     /// The agent's bpffs directory.
     pub fn bpffs(&self) -> &Path {
         &self.bpffs

@@ -319,6 +319,18 @@ async fn a_malformed_annotation_changes_nothing_and_says_why() {
     assert!(capped[0].series.is_none(), "said again: {:?}", capped[0].series);
     kubelet.annotate(NS, "a", &[(INGRESS, None)]).await.unwrap();
 
+    // Lifted behind the agent's back (the CLI on the node): the annotation wins within ~10 s.
+    let out = Command::new(env!("CARGO_BIN_EXE_podshaper"))
+        .arg("--socket")
+        .arg(agent.socket())
+        .args(["unlimit", "--cgroup"])
+        .arg(b.cgroup.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(limits(&agent, "b"), None);
+    wait_limits(&agent, "b", Some((None, Some(20 * M))), Duration::from_secs(15));
+
     // A pod whose cgroup never shows up: retried, then an Event; nobody else is touched.
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(cluster.admin.clone(), NS);
     let ghost = kubelet
