@@ -121,6 +121,8 @@ pub struct Metrics {
     /// Pods with a limit in force on this node.
     pub pods_limited: Gauge,
     ready: AtomicBool,
+    /// Limits lifted by the uninstall hook: alive, not limiting.
+    idle: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -160,6 +162,7 @@ impl Default for Metrics {
             apply_errors,
             pods_limited,
             ready: AtomicBool::new(false),
+            idle: AtomicBool::new(false),
         }
     }
 }
@@ -183,6 +186,11 @@ impl Metrics {
     /// Marks the agent ready: the first full list of pods has been reconciled.
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Marks the agent idle (limits lifted for an uninstall): /readyz then says so.
+    pub fn set_idle(&self, idle: bool) {
+        self.idle.store(idle, Ordering::Relaxed);
     }
 
     fn encode(&self) -> Result<String, std::fmt::Error> {
@@ -226,7 +234,12 @@ async fn scrape(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 }
 
 async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Relaxed) {
+    if m.idle.load(Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "idle: every limit lifted for an uninstall",
+        )
+    } else if m.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready")
     } else {
         (

@@ -208,8 +208,15 @@ impl Reconciler {
             .own_pod
             .as_ref()
             .is_some_and(|(ns, name)| *ns == view.namespace && *name == view.name);
-        if own && !self.uninstalled && annotations::uninstall_requested(Some(&view.annotations)) {
-            return self.lift_all(&view.reference).await;
+        if own {
+            let asked = annotations::uninstall_requested(Some(&view.annotations));
+            if asked && !self.uninstalled {
+                return self.lift_all(&view.reference).await;
+            }
+            if !asked && self.uninstalled {
+                // The uninstall was called off (the hook failed and someone removed the mark).
+                return self.resume(&view.reference).await;
+            }
         }
         let uid = view.uid.clone();
         let t = self.pods.entry(uid.clone()).or_insert_with(|| Tracked {
@@ -245,7 +252,11 @@ impl Reconciler {
             Ok(_) => {
                 info!("uninstall requested: lifted every limit on this node");
                 self.uninstalled = true;
-                self.pods.clear();
+                self.metrics.set_idle(true);
+                for t in self.pods.values_mut() {
+                    t.applied = None;
+                    t.retry_at = None;
+                }
                 self.refresh_metrics();
                 self.publish(
                     own,
@@ -259,6 +270,28 @@ impl Reconciler {
                 warn!(error = %e, "uninstall requested, but lifting the limits failed");
                 self.publish(own, EventType::Warning, "LiftFailed", &e).await;
             }
+        }
+    }
+
+    /// Takes the limits up again after a called-off uninstall: fresh pinned maps, every pod.
+    async fn resume(&mut self, own: &ObjectReference) {
+        if let Err(e) = self.ask(Request::Reset) {
+            warn!(error = %e, "resume after a called-off uninstall");
+            return;
+        }
+        self.uninstalled = false;
+        self.metrics.set_idle(false);
+        info!("uninstall called off: limiting pods again");
+        self.publish(
+            own,
+            EventType::Normal,
+            "LimitsResumed",
+            "podshaper limits this node's pods again",
+        )
+        .await;
+        let uids: Vec<String> = self.pods.keys().cloned().collect();
+        for uid in uids {
+            self.reconcile(&uid).await;
         }
     }
 

@@ -754,6 +754,11 @@ impl AgentProcess {
         }
     }
 
+    /// Whether /readyz answers 200.
+    pub fn ready(&self) -> bool {
+        http_get(self.metrics, "/readyz").is_some_and(|(code, _)| code == 200)
+    }
+
     /// The text of /metrics.
     pub fn metrics(&self) -> Result<String> {
         Ok(http_get(self.metrics, "/metrics").context("scrape /metrics")?.1)

@@ -604,6 +604,20 @@ async fn the_uninstall_hook_lifts_every_limit() {
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(pins, 0, "pins left under {}", agent.bpffs().display());
+    assert!(!agent.ready(), "an idle agent must not look ready");
+
+    // Called off (the mark removed, say after a failed hook): limits come back.
+    agents
+        .annotate("kube-system", &agent_pod, &[("podshaper.io/uninstall", None)])
+        .await
+        .unwrap();
+    wait_limits(
+        &agent,
+        "limited",
+        Some((Some(10 * M), Some(10 * M))),
+        Duration::from_secs(5),
+    );
+    assert!(agent.ready());
     kubelet.delete_pod(pod).await.unwrap();
     agents.delete_pod(me).await.unwrap();
 }
