@@ -306,10 +306,14 @@ impl Reconciler {
         // A recorder per Event: one kept across Events merges those with the same reason on the
         // same pod into a series that keeps the FIRST note ("limited to 20M" after a change to
         // 50M). The agent already says each thing once.
+        // In a task of its own: a slow API server must not hold up the limits.
         let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
-        if let Err(e) = recorder.publish(&event, reference).await {
-            warn!(error = %e, reason, "publish event");
-        }
+        let (reference, reason) = (reference.clone(), reason.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                warn!(error = %e, reason, "publish event");
+            }
+        });
     }
 
     /// Brings one pod's limits in line with its annotations.
