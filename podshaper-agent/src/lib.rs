@@ -93,12 +93,12 @@ pub async fn run(opts: Options) -> Result<()> {
                 anyhow::bail!("local API on {}: {why}", opts.daemon.socket.display());
             }
             event = pods.next() => match event {
-                Some(Ok(event)) => reconciler.on_event(event).await,
+                Some(Ok(event)) => reconciler.on_event(event),
                 // The watcher retries with backoff; limits stay as they are meanwhile.
                 Some(Err(e)) => warn!(error = %e, "pod watch"),
                 None => break,
             },
-            _ = tick.tick() => reconciler.tick().await,
+            _ = tick.tick() => reconciler.tick(),
         }
     }
     let _ = stop_tx.send(true);

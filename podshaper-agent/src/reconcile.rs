@@ -1,6 +1,7 @@
 //! The agent's core: from the pods of this node (as the watch reports them) to limits in the
 //! datapath. One pod at a time, never touching a pod whose annotations did not change or are
-//! malformed; every outcome a user should see becomes an Event on the pod.
+//! malformed; every outcome a user should see becomes an Event on the pod. Synchronous: the
+//! datapath is in-process and answers in microseconds; Events go out in tasks of their own.
 use std::{
     collections::{HashMap, HashSet},
     path::PathBuf,
@@ -159,7 +160,7 @@ impl Reconciler {
     }
 
     /// Handles one event of the pod watch.
-    pub async fn on_event(&mut self, event: watcher::Event<Pod>) {
+    pub fn on_event(&mut self, event: watcher::Event<Pod>) {
         match event {
             watcher::Event::Init => self.listing = Some(HashSet::new()),
             watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
@@ -167,7 +168,7 @@ impl Reconciler {
                 if let Some(l) = self.listing.as_mut() {
                     l.insert(view.uid.clone());
                 }
-                self.upsert(view).await;
+                self.upsert(view);
             }
             watcher::Event::InitDone => {
                 if let Some(listed) = self.listing.take() {
@@ -202,7 +203,7 @@ impl Reconciler {
         }
     }
 
-    async fn upsert(&mut self, view: PodView) {
+    fn upsert(&mut self, view: PodView) {
         let own = self
             .settings
             .own_pod
@@ -211,11 +212,11 @@ impl Reconciler {
         if own {
             let asked = annotations::uninstall_requested(Some(&view.annotations));
             if asked && !self.uninstalled {
-                return self.lift_all(&view.reference).await;
+                return self.lift_all(&view.reference);
             }
             if !asked && self.uninstalled {
                 // The uninstall was called off (the hook failed and someone removed the mark).
-                return self.resume(&view.reference).await;
+                return self.resume(&view.reference);
             }
         }
         let uid = view.uid.clone();
@@ -233,11 +234,11 @@ impl Reconciler {
         t.missing = 0;
         t.failures = 0;
         t.retry_at = None;
-        self.reconcile(&uid).await;
+        self.reconcile(&uid);
     }
 
     /// Lifts every limit on the node: the chart is being uninstalled.
-    async fn lift_all(&mut self, own: &ObjectReference) {
+    fn lift_all(&mut self, own: &ObjectReference) {
         // Reset detaches everything and loads fresh maps; unpin those too, so an uninstalled
         // node keeps no podshaper state at all.
         let reset = self.ask(Request::Reset).and_then(|_| {
@@ -263,18 +264,17 @@ impl Reconciler {
                     EventType::Normal,
                     "LimitsLifted",
                     "podshaper lifted every limit on this node",
-                )
-                .await;
+                );
             }
             Err(e) => {
                 warn!(error = %e, "uninstall requested, but lifting the limits failed");
-                self.publish(own, EventType::Warning, "LiftFailed", &e).await;
+                self.publish(own, EventType::Warning, "LiftFailed", &e);
             }
         }
     }
 
     /// Takes the limits up again after a called-off uninstall: fresh pinned maps, every pod.
-    async fn resume(&mut self, own: &ObjectReference) {
+    fn resume(&mut self, own: &ObjectReference) {
         if let Err(e) = self.ask(Request::Reset) {
             warn!(error = %e, "resume after a called-off uninstall");
             return;
@@ -287,15 +287,14 @@ impl Reconciler {
             EventType::Normal,
             "LimitsResumed",
             "podshaper limits this node's pods again",
-        )
-        .await;
+        );
         let uids: Vec<String> = self.pods.keys().cloned().collect();
         for uid in uids {
-            self.reconcile(&uid).await;
+            self.reconcile(&uid);
         }
     }
 
-    async fn publish(&self, reference: &ObjectReference, type_: EventType, reason: &str, note: &str) {
+    fn publish(&self, reference: &ObjectReference, type_: EventType, reason: &str, note: &str) {
         let event = Event {
             type_,
             reason: reason.into(),
@@ -317,7 +316,7 @@ impl Reconciler {
     }
 
     /// Brings one pod's limits in line with its annotations.
-    async fn reconcile(&mut self, uid: &str) {
+    fn reconcile(&mut self, uid: &str) {
         if self.uninstalled {
             return;
         }
@@ -330,7 +329,7 @@ impl Reconciler {
                 let note = format!(
                     "{e}. The limit in force (if any) is unchanged. Accepted: a Kubernetes quantity of bits/s from 1k to 1P, like 10M or 1.5G"
                 );
-                if self.report(uid, &pod.reference, "InvalidBandwidth", &note).await {
+                if self.report(uid, &pod.reference, "InvalidBandwidth", &note) {
                     self.metrics
                         .invalid_annotations
                         .get_or_create(&pod.labels())
@@ -370,7 +369,7 @@ impl Reconciler {
                 }
                 return;
             }
-            return self.cgroup_missing(uid).await;
+            return self.cgroup_missing(uid);
         };
         let before = self.limits_in_force(&dir);
         let change = |r: Option<Rate>| r.map(Change::Set).unwrap_or(Change::Unlimited);
@@ -396,8 +395,7 @@ impl Reconciler {
                     capped.filter(|_| changed)
                 });
                 if let Some(note) = new {
-                    self.publish(&pod.reference, EventType::Warning, "BandwidthCapped", &note)
-                        .await;
+                    self.publish(&pod.reference, EventType::Warning, "BandwidthCapped", &note);
                 }
                 if before != wanted {
                     info!(pod = %pod.key(), cgroup = %dir.display(), %wanted, "limits applied");
@@ -406,8 +404,7 @@ impl Reconciler {
                     } else {
                         "BandwidthLimited"
                     };
-                    self.publish(&pod.reference, EventType::Normal, reason, &wanted.to_string())
-                        .await;
+                    self.publish(&pod.reference, EventType::Normal, reason, &wanted.to_string());
                 }
             }
             Err(e) => {
@@ -417,7 +414,7 @@ impl Reconciler {
                 }
                 self.schedule_retry(uid);
                 let note = format!("applying {wanted} to {} failed: {e}", dir.display());
-                self.report(uid, &pod.reference, "LimitFailed", &note).await;
+                self.report(uid, &pod.reference, "LimitFailed", &note);
             }
         }
     }
@@ -438,7 +435,7 @@ impl Reconciler {
         }
     }
 
-    async fn cgroup_missing(&mut self, uid: &str) {
+    fn cgroup_missing(&mut self, uid: &str) {
         let Some(t) = self.pods.get_mut(uid) else { return };
         t.missing += 1;
         let (missing, pod) = (t.missing, t.pod.clone());
@@ -453,7 +450,7 @@ impl Reconciler {
                 pod.qos,
                 self.settings.driver
             );
-            self.report(uid, &pod.reference, "CgroupNotFound", &note).await;
+            self.report(uid, &pod.reference, "CgroupNotFound", &note);
         }
     }
 
@@ -466,7 +463,7 @@ impl Reconciler {
     }
 
     /// A warning Event, once per distinct problem; whether this one was new.
-    async fn report(&mut self, uid: &str, reference: &ObjectReference, reason: &str, note: &str) -> bool {
+    fn report(&mut self, uid: &str, reference: &ObjectReference, reason: &str, note: &str) -> bool {
         let Some(t) = self.pods.get_mut(uid) else {
             return false;
         };
@@ -475,7 +472,7 @@ impl Reconciler {
         }
         t.reported = Some(note.to_string());
         warn!(pod = %t.pod.key(), reason, note, "problem");
-        self.publish(reference, EventType::Warning, reason, note).await;
+        self.publish(reference, EventType::Warning, reason, note);
         true
     }
 
@@ -521,7 +518,7 @@ impl Reconciler {
     }
 
     /// Retries pods whose cgroup was missing and refreshes the metrics. Called once a second.
-    pub async fn tick(&mut self) {
+    pub fn tick(&mut self) {
         let now = Instant::now();
         self.ticks += 1;
         let mut due: Vec<String> = self
@@ -554,7 +551,7 @@ impl Reconciler {
             if let Some(t) = self.pods.get_mut(&uid) {
                 t.retry_at = None;
             }
-            self.reconcile(&uid).await;
+            self.reconcile(&uid);
         }
         self.refresh_metrics();
     }
