@@ -24,6 +24,8 @@
 #define PS_AF_INET 2
 #define PS_AF_INET6 10
 #define PS_IP_OFFSET_MASK 0x1fff
+// A TCP initial window: ten full segments (RFC 6928, the kernel's default).
+#define PS_IW_BYTES (10 * 1514)
 
 struct ps_pkt {
 	__u32 hdrlen; // L3 + L4 header bytes of one segment
@@ -97,6 +99,11 @@ static __always_inline __u64 ps_max(__u64 a, __u64 b)
 	return a > b ? a : b;
 }
 
+static __always_inline __u64 ps_min(__u64 a, __u64 b)
+{
+	return a < b ? a : b;
+}
+
 static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 {
 	struct ps_cgroup *cg = bpf_get_local_storage(&ps_cgroups, 0);
@@ -149,7 +156,7 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		d->epoch_start_ns = now;
 		d->epoch_bytes = 0;
 	}
-	burst = ps_max(burst, 2 * 1514 * (__u64)ps_max(d->flows_cur, d->flows_prev));
+	burst = ps_max(burst, 2 * 1514 * (__u64)ps_flows_active(d));
 	// `now` was read before the lock: another CPU may have refilled with a later time.
 	if ((__s64)(now - d->refill_ns) > 0) {
 		elapsed = now - d->refill_ns;
@@ -163,15 +170,16 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	ps_roll_epoch(d, rate, now);
 
 	// A connection being set up (ingress SYN) or a flow's first data in this epoch: it counts
-	// as active, and a flow beyond last epoch's count shrinks everyone's share at once. The
+	// as active, and a flow beyond the window's count shrinks everyone's share at once. The
 	// epoch controller hands unused share back later.
 	if ((dir == PS_INGRESS && p.syn) || (fl && fl->epoch[dir] != d->epoch + 1)) {
+		__u32 n = ps_flows_active(d);
+
 		if (fl && !p.syn) {
 			fl->epoch[dir] = d->epoch + 1;
 			refresh = 1;
 		}
-		d->flows_cur++;
-		if (d->flows_cur > d->flows_prev)
+		if (++d->flows[d->epoch % PS_FLOW_EPOCHS] > n)
 			ps_set_share(d, rate);
 	}
 	// Ingress brake: in debt with a gain above the equal split, the flows are using what idle
@@ -191,6 +199,11 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		if (fl)
 			fl->published = share;
 	}
+	// TCP's debt may go beyond the depth by every active flow's initial window, up to half a
+	// second of the limit: the kernel does not pace a flow's first ten segments, so flows
+	// that start together arrive as one burst. Signalling or dropping that would only slow
+	// or repeat it; the controller repays the debt it leaves.
+	depth += ps_min(PS_IW_BYTES * ps_flows_active(d), rate / 2);
 	if (!p.tcp) {
 		if (d->tokens <= 0)
 			verdict = dir == PS_EGRESS ? PS_DROP_CN : PS_DROP;

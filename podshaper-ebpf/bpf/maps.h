@@ -59,6 +59,10 @@ struct {
 // per-flow share worth pacing, short enough that an idle flow's share returns within ~2 epochs.
 #define PS_EPOCH_NS (50ULL * 1000 * 1000)
 #define PS_NSEC 1000000000ULL
+// Bytes in an epoch from which its measurement is taken at full weight (256 full packets).
+#define PS_EPOCH_FULL (256ULL * 1514)
+// Time over which the controller repays the bucket's debt.
+#define PS_REPAY_NS (500ULL * 1000 * 1000)
 
 #define READ_ONCE(x) (*(const volatile __typeof__(x) *)&(x))
 
@@ -80,12 +84,34 @@ static __always_inline __u64 ps_bytes_in(__u64 rate, __u64 ns)
 
 #define PS_GAIN_ONE 1024
 
-// share = rate x gain / flows, flows being the most seen in this or the last epoch, at most
+// The flows counted as active: the most seen in one epoch of the window.
+static __always_inline __u32 ps_flows_active(const struct ps_dir_state *d)
+{
+	__u32 n = 0;
+
+	for (int i = 0; i < PS_FLOW_EPOCHS; i++)
+		if (d->flows[i] > n)
+			n = d->flows[i];
+	return n;
+}
+
+// Whether this epoch saw more flows than any other epoch of the window: flows joined.
+static __always_inline int ps_flows_joined(const struct ps_dir_state *d)
+{
+	__u32 cur = d->flows[d->epoch % PS_FLOW_EPOCHS];
+
+	for (int i = 0; i < PS_FLOW_EPOCHS; i++)
+		if (i != d->epoch % PS_FLOW_EPOCHS && d->flows[i] >= cur)
+			return 0;
+	return 1;
+}
+
+// share = rate x gain / flows, flows being ps_flows_active(), at most
 // 1.25x the limit for one flow (senders that pace below their cap, like bbr in its drain
 // phases, still fill the limit; the feedback keeps the aggregate at it). Caller holds the lock.
 static __always_inline void ps_set_share(struct ps_dir_state *d, __u64 rate)
 {
-	__u64 n = d->flows_cur > d->flows_prev ? d->flows_cur : d->flows_prev;
+	__u64 n = ps_flows_active(d);
 	__u64 gain = d->gain ? d->gain : PS_GAIN_ONE;
 	__u64 share;
 
@@ -99,13 +125,15 @@ static __always_inline void ps_set_share(struct ps_dir_state *d, __u64 rate)
 }
 
 // Rolls the epoch of one direction if it is over and feeds the controller: the gain is scaled
-// by limit/measured, so flows that cannot use their share (idle or application-limited) leave
-// it to the others, and overshoot (late pacing timers catch up) is pulled back. Caller holds
-// the lock.
+// by target/measured, so flows that cannot use their share (idle or application-limited) leave
+// it to the others, and overshoot (late pacing timers catch up) is pulled back. The target is
+// the limit less what repays the bucket's debt within PS_REPAY_NS (at most a quarter of the
+// limit): aiming at the limit alone would leave a start-up burst's debt in place for good,
+// and the backstop would then fire on every later burst. Caller holds the lock.
 static __always_inline void ps_roll_epoch(struct ps_dir_state *d, __u64 rate, __u64 now)
 {
 	__u64 elapsed = now - d->epoch_start_ns;
-	__u64 measured, gain, max;
+	__u64 measured, gain, max, n, target = rate;
 
 	// Signed: `now` may lag the epoch start set by another CPU.
 	if ((__s64)elapsed < (__s64)PS_EPOCH_NS)
@@ -113,16 +141,47 @@ static __always_inline void ps_roll_epoch(struct ps_dir_state *d, __u64 rate, __
 	measured = d->epoch_bytes * PS_NSEC / elapsed;
 	gain = d->gain ? d->gain : PS_GAIN_ONE;
 	if (elapsed > 4 * PS_EPOCH_NS || !measured) {
-		gain = PS_GAIN_ONE; // the cgroup was quiet: restart from the equal split
+		// The cgroup was quiet: restart from the equal split and forget the flows.
+		gain = PS_GAIN_ONE;
+		__builtin_memset(d->flows, 0, sizeof(d->flows));
 	} else {
-		// Q10; rate < 2^47, so rate << 10 cannot overflow. At most x1.25 up per epoch.
-		__u64 factor = (rate << 10) / measured;
+		// Q16; rate < 2^47, so target << 16 cannot overflow.
+		__u64 factor, weight;
 
-		if (factor > 1280)
-			factor = 1280;
-		gain = gain * factor >> 10;
+		if (d->tokens < 0) {
+			__u64 repay = (__u64)-d->tokens * (PS_NSEC / PS_REPAY_NS);
+
+			target -= repay < rate / 4 ? repay : rate / 4;
+		}
+		factor = (target << 16) / measured;
+		if (factor > 2 << 16)
+			factor = 2 << 16;
+		// Flows that joined in this epoch sent their initial windows unpaced: that excess
+		// says nothing about the share, and cutting it would starve the paced flows.
+		if (factor < 1 << 16 && ps_flows_joined(d))
+			factor = 1 << 16;
+		// Take the whole correction when the epoch saw PS_EPOCH_FULL bytes, less (down to a
+		// quarter) when it saw fewer: at low rates one epoch holds a few dozen packets whose
+		// count jumps with the flows' phases, and a full step turns that noise into a limit
+		// cycle. At high rates the count is exact and overshoot must go at once.
+		weight = (d->epoch_bytes << 16) / PS_EPOCH_FULL;
+		if (weight < 1 << 14)
+			weight = 1 << 14;
+		// Below the equal split (a start-up burst or unpaced packets pushed it there) the
+		// way back up is taken at full weight: that is where paced flows belong.
+		if (weight > 1 << 16 || (factor > 1 << 16 && gain < PS_GAIN_ONE))
+			weight = 1 << 16;
+		if (factor >= 1 << 16)
+			factor = (1 << 16) + ((factor - (1 << 16)) * weight >> 16);
+		else
+			factor = (1 << 16) - (((1 << 16) - factor) * weight >> 16);
+		// At most x1.25 up per epoch.
+		if (factor > 5 << 14)
+			factor = 5 << 14;
+		gain = (gain * factor + (1 << 15)) >> 16;
 	}
-	max = PS_GAIN_ONE * (d->flows_cur ? d->flows_cur : 1);
+	n = ps_flows_active(d);
+	max = PS_GAIN_ONE * (n ? n : 1);
 	max += max / 4;
 	if (gain > max)
 		gain = max;
@@ -130,11 +189,10 @@ static __always_inline void ps_roll_epoch(struct ps_dir_state *d, __u64 rate, __
 		gain = PS_GAIN_ONE / 4;
 	d->gain = gain;
 	d->measured = measured;
-	d->flows_prev = d->flows_cur;
-	d->flows_cur = 0;
 	d->epoch_bytes = 0;
 	d->epoch_start_ns = now;
 	d->epoch++;
+	d->flows[d->epoch % PS_FLOW_EPOCHS] = 0;
 	ps_set_share(d, rate);
 }
 

@@ -9,10 +9,13 @@
 
 #include <linux/types.h>
 
-#define PS_ABI_VERSION 1
+#define PS_ABI_VERSION 2
 
 #define PS_EGRESS 0
 #define PS_INGRESS 1
+
+// Epochs over which a flow counts as active after it last moved data.
+#define PS_FLOW_EPOCHS 4
 
 // Limits set by the daemon for one cgroup, in bits per second of L3 traffic (IP header and
 // payload, every GSO segment counted with its headers); 0 means no limit in that direction.
@@ -29,7 +32,7 @@ struct ps_dir_state {
 	// Token bucket in bytes; negative is debt. Polices non-TCP, backstops TCP.
 	__s64 tokens;
 	__u64 refill_ns;
-	// Measurement epoch: bytes passed and distinct TCP flows that moved data in it.
+	// Measurement epoch: start and bytes passed in it.
 	__u64 epoch_start_ns;
 	__u64 epoch_bytes;
 	// Per-flow share (L3 bytes/s) that sock_ops applies to each TCP flow of the cgroup.
@@ -37,13 +40,17 @@ struct ps_dir_state {
 	// Aggregate rate measured over the last full epoch (L3 bytes/s), for status.
 	__u64 measured;
 	__u32 epoch;
-	__u32 flows_cur;
-	__u32 flows_prev;
 	// Correction the feedback learned, Q10 (1024 = the equal split): share = rate x gain / n.
 	__u32 gain;
+	// Distinct flows that moved data in each of the last PS_FLOW_EPOCHS epochs, the current
+	// one at [epoch % PS_FLOW_EPOCHS]; n is their maximum. A flow paced at a small share may
+	// send nothing for an epoch or two and still be busy.
+	__u32 flows[PS_FLOW_EPOCHS];
 };
 
-// Per-cgroup value of ps_cgroups: the daemon's config and the programs' state.
+// Per-cgroup value of ps_cgroups: the daemon's config and the programs' state. Its head (lock,
+// generation_seen, config) keeps its layout in every ABI version: a newer daemon reads an older
+// one's limits from it when it migrates the pinned state.
 struct ps_cgroup {
 	struct bpf_spin_lock lock;
 	__u32 generation_seen;
@@ -75,6 +82,9 @@ struct ps_flow {
 	__u64 published;
 	// Epoch (+1) in which the flow was last counted as active, per direction.
 	__u32 epoch[2];
+	// Congestion window clamp last set on the socket (segments); 0 = never set.
+	__u32 clamp;
+	__u32 pad;
 };
 
 // Key of ps_peers: the address and TCP port of a socket in an ingress-limited cgroup, as a

@@ -15,6 +15,13 @@
 #define PS_AF_INET 2
 #define PS_AF_INET6 10
 #define PS_UNLIMITED 0xffffffffU
+#define PS_SOL_TCP 6
+#define PS_TCP_BPF_SNDCWND_CLAMP 1002
+// What TCP starts with (TCP_INFINITE_SSTHRESH): the clamp of a socket no longer paced.
+#define PS_NO_CLAMP 0x7fffffff
+// Fewest segments a paced flow may have in flight: one TSO packet of the kernel's minimum size
+// (tcp_min_tso_segs). More makes packets of several flows arrive in clumps at low limits.
+#define PS_MIN_CLAMP 2
 // TCP header with the timestamp option, which Linux uses by default.
 #define PS_TCP_HDR 32
 
@@ -93,6 +100,37 @@ static __always_inline __u64 ps_payload(struct bpf_sock_ops *skops, __u64 l3)
 	return mss ? l3 * mss / (mss + hdr) : l3;
 }
 
+// Bounds what a paced flow has in flight to twice its share's bandwidth-delay product plus 2 ms
+// of its share, at least PS_MIN_CLAMP segments. Pacing alone spaces TSO packets but does not
+// size them: below 512 us of RTT (tcp_tso_rtt_log) the kernel builds 64 KB packets whatever
+// the pacing rate, so a flow paced at 1 Mbit/s would send one every half second, and a few
+// flows in phase overshoot the limit for a whole 100 ms. The clamp never limits the rate: at
+// its floor the window still covers twice the round trip at the share. TCP_BPF_SNDCWND_CLAMP
+// also sets ssthresh to the clamp, which leaves slow start early: harmless once paced.
+static __always_inline void ps_clamp(struct bpf_sock_ops *skops, struct ps_flow *fl, __u64 rate)
+{
+	__u64 mss = skops->mss_cache, segs;
+	int val;
+
+	if (rate == PS_UNLIMITED) {
+		if (!fl->clamp || fl->clamp == PS_NO_CLAMP)
+			return;
+		segs = PS_NO_CLAMP;
+	} else {
+		// srtt_us is the smoothed RTT in us, times 8.
+		segs = rate * ((skops->srtt_us >> 2) + 2000) / 1000000 / (mss ? mss : 1448);
+		if (segs < PS_MIN_CLAMP)
+			segs = PS_MIN_CLAMP;
+		if (segs > PS_NO_CLAMP)
+			segs = PS_NO_CLAMP;
+		if (fl->clamp && !ps_differs(segs, fl->clamp))
+			return;
+	}
+	val = (int)segs;
+	if (!bpf_setsockopt(skops, PS_SOL_TCP, PS_TCP_BPF_SNDCWND_CLAMP, &val, sizeof(val)))
+		fl->clamp = segs;
+}
+
 // Paces the socket at the lower of its own cgroup's egress share (cg: the cgroup's state, NULL
 // in the node-level program) and its peer's ingress share when the peer is on this node.
 // Returns whether the socket is paced.
@@ -141,6 +179,7 @@ static __always_inline int ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup
 				__sync_fetch_and_add(&st->adjusts[PS_EGRESS], 1);
 		}
 	}
+	ps_clamp(skops, fl, target);
 	return target != PS_UNLIMITED;
 }
 

@@ -2,7 +2,10 @@
 //! writes map memory; the tests below compare every layout with what the C compiler says.
 
 /// Version of the pinned-state layout; pins live under `<bpffs root>/v<ABI_VERSION>`.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
+
+/// `PS_FLOW_EPOCHS`: epochs over which a flow counts as active.
+pub const FLOW_EPOCHS: usize = 4;
 
 /// Index of the egress direction in the per-direction arrays.
 pub const EGRESS: usize = 0;
@@ -29,10 +32,20 @@ pub struct DirState {
     pub share: u64,
     pub measured: u64,
     pub epoch: u32,
-    pub flows_cur: u32,
-    pub flows_prev: u32,
     pub gain: u32,
+    pub flows: [u32; FLOW_EPOCHS],
 }
+
+impl DirState {
+    /// The flows counted as active, as `ps_flows_active()` counts them.
+    pub fn active_flows(&self) -> u32 {
+        self.flows.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// Bytes at the start of `struct ps_cgroup` that keep their layout across ABI versions (lock,
+/// generation_seen, config): a newer daemon reads an older one's limits from them.
+pub const CGROUP_HEAD: usize = 32;
 
 /// `struct ps_cgroup`: value of `ps_cgroups`. `lock` is never touched from user space; the
 /// kernel skips it on BPF_F_LOCK copies.
@@ -77,6 +90,8 @@ pub struct Flow {
     pub egress: u64,
     pub published: u64,
     pub epoch: [u32; 2],
+    pub clamp: u32,
+    pub pad: u32,
 }
 
 /// `struct ps_peer_key`: an ingress-limited socket's address and port.
@@ -125,5 +140,16 @@ mod tests {
         assert_eq!(offset_of!(Cgroup, dir), c::OFF_ps_cgroup_dir);
         assert_eq!(offset_of!(Stats, marks), c::OFF_ps_stats_marks);
         assert_eq!(offset_of!(Stats, adjusts), c::OFF_ps_stats_adjusts);
+    }
+
+    // Migration reads an older version's limits from the head of its ps_cgroup value: that
+    // head is frozen, whatever else changes.
+    #[test]
+    fn the_cgroup_head_is_frozen() {
+        assert_eq!(offset_of!(Cgroup, config), 8);
+        assert_eq!(offset_of!(Config, rate), 0);
+        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(offset_of!(Cgroup, config) + size_of::<Config>(), CGROUP_HEAD);
+        assert!(offset_of!(Cgroup, dir) >= CGROUP_HEAD);
     }
 }

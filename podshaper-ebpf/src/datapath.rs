@@ -11,7 +11,7 @@ use aya::{
     programs::{links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps},
     Ebpf, EbpfLoader,
 };
-use tracing::{debug, instrument};
+use tracing::{debug, info, instrument};
 
 use crate::{
     abi::{self, Cgroup, Config, Stats},
@@ -52,7 +52,7 @@ pub struct CgroupState {
     pub limits: Limits,
     /// Counters summed over CPUs.
     pub stats: Stats,
-    /// TCP flows that moved data in the current or last epoch, per direction.
+    /// TCP flows counted as active (data in one of the last four epochs), per direction.
     pub flows: [u32; 2],
 }
 
@@ -73,11 +73,14 @@ impl Datapath {
     /// cgroup v2 hierarchy's root, where the peer-pacing program attaches (in a container, the
     /// host's hierarchy at its bind mount, not the first cgroup2 mount the container sees).
     ///
+    /// State pinned by an older ABI version is migrated (see [`Datapath::migrate`]); state of
+    /// a newer one is refused.
+    ///
     /// Minimum kernel version: 5.10 (cgroup bpf_link 5.7, shared cgroup storage 5.9, TCP
     /// header-option callbacks 5.10).
     pub fn load(pins: Pins, mount: PathBuf) -> Result<Self, Error> {
         check_kernel()?;
-        pins.prepare()?;
+        let older = pins.prepare()?;
         let maps_dir = pins.maps();
         let load = |obj: &'static str, bytes: &[u8]| {
             EbpfLoader::new()
@@ -113,7 +116,7 @@ impl Datapath {
             what: format!("read {what}"),
             source,
         })?;
-        Ok(Self {
+        let mut datapath = Self {
             pins,
             mount,
             peer_pacing: true,
@@ -122,7 +125,52 @@ impl Datapath {
             cgroups,
             stats,
             ncpus,
-        })
+        };
+        for version in older {
+            let old = datapath.pins.of_version(version);
+            datapath.migrate(&old)?;
+        }
+        Ok(datapath)
+    }
+
+    /// Takes over the limits an older ABI version pinned under `old`: attaches this version's
+    /// programs to each of its cgroups with the same limits, then unpins the old links (which
+    /// detaches the old programs) and the old maps. Both versions hold the cgroup to the same
+    /// limits in between, so no limit lapses. The limits are read from the head of the old
+    /// `ps_cgroups` value (lock, generation_seen, config), which keeps its layout across
+    /// versions; the rest is controller state, rebuilt from scratch.
+    #[instrument(skip_all, fields(version = old.version()))]
+    fn migrate(&mut self, old: &Pins) -> Result<(), Error> {
+        let ids = old.pinned_cgroups()?;
+        if !ids.is_empty() {
+            let path = old.maps().join("ps_cgroups");
+            let map = MapData::from_pin(&path).map_err(|e| Error::Map {
+                what: format!("open pinned map {}", path.display()),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let size = map
+                .info()
+                .map(|i| i.value_size() as usize)
+                .map_err(|e| Error::Map {
+                    what: format!("read map info of {}", path.display()),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            for id in ids {
+                let mut buf = vec![0u8; size.max(std::mem::size_of::<Cgroup>())];
+                let read = sys::lookup(map.fd().as_fd(), id, &mut buf[..size], sys::BPF_F_LOCK);
+                let head: Cgroup = sys::from_bytes(&buf[..size.min(abi::CGROUP_HEAD)]);
+                let limits = Limits::from_config(&head.config);
+                // A cgroup removed while no daemon ran has no storage left: just unpin.
+                if let (Ok(()), Some(path)) = (read, cgroup::path_of(&self.mount, id)?) {
+                    if !limits.is_none() {
+                        self.set(&CgroupDir { path, id }, limits)?;
+                        info!(id, ?limits, "migrated limits");
+                    }
+                }
+                pins::remove_tree(&old.cgroup_links(id))?;
+            }
+        }
+        pins::remove_tree(&old.versioned())
     }
 
     /// Whether senders on this node are paced toward ingress-limited sockets (on by default).
@@ -322,10 +370,7 @@ impl Datapath {
             id,
             limits: Limits::from_config(&value.config),
             stats,
-            flows: [
-                value.dir[0].flows_prev.max(value.dir[0].flows_cur),
-                value.dir[1].flows_prev.max(value.dir[1].flows_cur),
-            ],
+            flows: [value.dir[0].active_flows(), value.dir[1].active_flows()],
         }))
     }
 

@@ -30,7 +30,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(
-        "pinned state at {} has ABI version {found}, this podshaper speaks {ours}: run the matching podshaper's `reset`, or `podshaper reset` to drop all limits",
+        "pinned state at {} has ABI version {found}, newer than this podshaper's {ours}: run the newer podshaper, or `podshaper reset` to drop all limits",
         path.display()
     )]
     ForeignPins {

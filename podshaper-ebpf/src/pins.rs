@@ -2,13 +2,14 @@
 //! /sys/fs/bpf/podshaper):
 //!
 //! ```text
-//! v1/maps/{ps_cgroups,ps_stats,ps_flows}      maps, pinned by name by the loader
-//! v1/links/<cgroup id>/{sockops,egress,ingress} one bpf_link per hook per limited cgroup
-//! v1/peer                                      sock_ops on the cgroup v2 root, while some
-//!                                              cgroup has an ingress limit
+//! v2/maps/{ps_cgroups,ps_stats,ps_flows,ps_peers} maps, pinned by name by the loader
+//! v2/links/<cgroup id>/{sockops,egress,ingress}    one bpf_link per hook per limited cgroup
+//! v2/peer                                         sock_ops on the cgroup v2 root, while some
+//!                                                 cgroup has an ingress limit
 //! ```
 //!
-//! `v1` is the ABI version: a daemon adopts pins of its own version and refuses others.
+//! `v2` is the ABI version: a daemon adopts pins of its own version, migrates older ones
+//! (`Datapath::load`) and refuses newer ones.
 use std::{
     fs, io,
     path::{Path, PathBuf},
@@ -27,12 +28,29 @@ pub const LINKS: [&str; 3] = ["sockops", "egress", "ingress"];
 #[derive(Clone, Debug)]
 pub struct Pins {
     root: PathBuf,
+    version: u32,
 }
 
 impl Pins {
     /// Pins rooted at `root` (a directory on bpffs, created on demand).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            version: ABI_VERSION,
+        }
+    }
+
+    /// The tree another ABI version keeps under the same root: what a migration reads.
+    pub fn of_version(&self, version: u32) -> Self {
+        Self {
+            root: self.root.clone(),
+            version,
+        }
+    }
+
+    /// The ABI version of this tree.
+    pub fn version(&self) -> u32 {
+        self.version
     }
 
     /// The root directory.
@@ -42,7 +60,7 @@ impl Pins {
 
     /// Directory of this ABI version's state.
     pub fn versioned(&self) -> PathBuf {
-        self.root.join(format!("v{ABI_VERSION}"))
+        self.root.join(format!("v{}", self.version))
     }
 
     /// Directory of the pinned maps.
@@ -71,26 +89,30 @@ impl Pins {
         self.links().join(format!("new-{id}"))
     }
 
-    /// Makes sure bpffs is mounted at the root's file system and the directories exist;
-    /// refuses state pinned by another ABI version.
-    pub fn prepare(&self) -> Result<(), Error> {
+    /// Makes sure bpffs is mounted at the root's file system and the directories exist.
+    /// Returns the older ABI versions pinned beside, oldest first, for the caller to migrate;
+    /// refuses state pinned by a newer version.
+    pub fn prepare(&self) -> Result<Vec<u32>, Error> {
         let bpffs = self.root.parent().unwrap_or(Path::new("/sys/fs/bpf"));
         ensure_bpffs(bpffs)?;
         mkdir(&self.root)?;
+        let mut older = Vec::new();
         for e in fs::read_dir(&self.root).map_err(|source| io_err("read", &self.root, source))? {
             let e = e.map_err(|source| io_err("read", &self.root, source))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(v) = name.strip_prefix('v').and_then(|v| v.parse::<u32>().ok()) {
-                if v != ABI_VERSION {
-                    // Migration from an older layout goes here when there is one.
+            match name.strip_prefix('v').and_then(|v| v.parse::<u32>().ok()) {
+                Some(v) if v > self.version => {
                     return Err(Error::ForeignPins {
                         path: e.path(),
                         found: v,
-                        ours: ABI_VERSION,
+                        ours: self.version,
                     });
                 }
+                Some(v) if v < self.version => older.push(v),
+                _ => {}
             }
         }
+        older.sort_unstable();
         mkdir(&self.maps())?;
         mkdir(&self.links())?;
         // Links staged by a daemon that died mid-attach: unpinning them detaches them.
@@ -103,7 +125,7 @@ impl Pins {
                 remove_tree(&e.path())?;
             }
         }
-        Ok(())
+        Ok(older)
     }
 
     /// Ids of the cgroups that have pinned links.

@@ -22,8 +22,15 @@ pub struct TempDatapath {
 impl TempDatapath {
     /// Loads the programs with pins under a new private directory.
     pub fn load(label: &str) -> Result<Self, Error> {
+        Self::load_version(label, podshaper_ebpf::abi::ABI_VERSION)
+    }
+
+    /// Loads the programs with pins under a new private directory, in the tree of ABI
+    /// `version`: stands in for an older daemon's state in migration tests.
+    pub fn load_version(label: &str, version: u32) -> Result<Self, Error> {
         let root = Path::new(BPFFS).join(format!("{label}-{}", unique_name("")));
-        match Datapath::load(Pins::new(&root), podshaper_ebpf::cgroup::cgroup2_mount()?) {
+        let pins = Pins::new(&root).of_version(version);
+        match Datapath::load(pins, podshaper_ebpf::cgroup::cgroup2_mount()?) {
             Ok(datapath) => Ok(Self { datapath, root }),
             Err(e) => {
                 // Load may have pinned maps before failing.

@@ -405,9 +405,18 @@ impl IperfReport {
             .then(|| 100.0 * (1.0 - self.received_bytes as f64 / self.sent_bytes as f64).max(0.0))
     }
 
+    /// The intervals without a short last one: iperf3 closes with a partial interval of a few
+    /// ms whose rate (what was left in buffers, read at once) would dwarf the others.
+    pub fn full_intervals(&self) -> impl Iterator<Item = &Interval> {
+        let nominal = self.intervals.iter().map(|i| i.end - i.start).fold(0.0, f64::max);
+        self.intervals
+            .iter()
+            .filter(move |i| i.end - i.start >= nominal / 2.0)
+    }
+
     fn after(&self, skip: f64) -> impl Iterator<Item = &Interval> {
         // iperf3's interval timer fires a little late: allow 10 ms of slack at the boundary.
-        self.intervals.iter().filter(move |i| i.start + 0.01 >= skip)
+        self.full_intervals().filter(move |i| i.start + 0.01 >= skip)
     }
 }
 
@@ -532,6 +541,11 @@ mod tests {
         assert_eq!(r.packets, None);
         // The server reported 21 intervals (one short tail), the client 20.
         assert_eq!(r.intervals.len(), 21);
+        assert_eq!(
+            r.full_intervals().count(),
+            20,
+            "the short tail is not a full interval"
+        );
         assert!(close(r.intervals[0].bits_per_second, 31_808_069_721.8));
     }
 

@@ -206,18 +206,9 @@ fn which(program: &str) -> Option<PathBuf> {
 
 const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
 
-/// The report's intervals without a short last one: iperf3 closes with a partial interval of a
-/// few ms whose rate (what was left in buffers) would dwarf the others.
-fn full_intervals(r: &IperfReport) -> impl Iterator<Item = &podshaper_testbed::iperf::Interval> {
-    let nominal = r.intervals.iter().map(|i| i.end - i.start).fold(0.0, f64::max);
-    r.intervals
-        .iter()
-        .filter(move |i| i.end - i.start >= nominal / 2.0)
-}
-
 fn sparkline(r: &IperfReport) -> String {
-    let max = full_intervals(r).map(|i| i.bits_per_second).fold(0.0, f64::max);
-    full_intervals(r)
+    let max = r.full_intervals().map(|i| i.bits_per_second).fold(0.0, f64::max);
+    r.full_intervals()
         .map(|i| {
             let level = if max > 0.0 {
                 (i.bits_per_second / max * 7.0).round() as usize
@@ -230,7 +221,8 @@ fn sparkline(r: &IperfReport) -> String {
 }
 
 fn chart(r: &IperfReport, rows: usize) -> String {
-    let values: Vec<f64> = full_intervals(r)
+    let values: Vec<f64> = r
+        .full_intervals()
         .map(|i| L3::TCP_V4.l3_bps(i.bits_per_second))
         .collect();
     let max = values.iter().copied().fold(1.0, f64::max);
@@ -260,7 +252,9 @@ fn svg_chart(phases: &[Phase]) -> String {
     let points: Vec<(f64, String)> = phases
         .iter()
         .flat_map(|p| {
-            full_intervals(&p.report).map(move |i| (L3::TCP_V4.l3_bps(i.bits_per_second), p.name.to_string()))
+            p.report
+                .full_intervals()
+                .map(move |i| (L3::TCP_V4.l3_bps(i.bits_per_second), p.name.to_string()))
         })
         .collect();
     let n = points.len().max(1) as f64;

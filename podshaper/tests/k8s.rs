@@ -208,7 +208,7 @@ async fn annotations_limit_a_pod_live_and_everything_goes_with_it() {
         .await
         .unwrap();
     wait_limits(&agent, "web", Some((Some(10 * M), None)), Duration::from_secs(2));
-    let links = agent.bpffs().join("v1/links");
+    let links = podshaper_ebpf::pins::Pins::new(agent.bpffs()).links();
     assert_eq!(
         std::fs::read_dir(&links).unwrap().count(),
         1,
@@ -397,7 +397,13 @@ async fn the_limit_never_lapses_while_the_agent_restarts() {
     let worst = L3::TCP_V4.l3_bps(report.worst_interval_bps(1.0).unwrap());
     assert!(
         worst < 1.3 * 20.0 * M as f64,
-        "a 0.5 s window reached {worst:.0} bit/s"
+        "a 0.5 s window reached {worst:.0} bit/s; intervals (Mbit/s): {:?}",
+        report
+            .intervals
+            .iter()
+            .map(|i| (i.end * 10.0).round() / 10.0)
+            .zip(report.intervals.iter().map(|i| (i.bits_per_second / 1e6).round()))
+            .collect::<Vec<_>>()
     );
     assert_near(
         "through the restart",
@@ -439,7 +445,9 @@ async fn the_limit_never_lapses_while_the_agent_restarts() {
         .await
         .unwrap();
     assert_eq!(
-        std::fs::read_dir(agent.bpffs().join("v1/links")).unwrap().count(),
+        std::fs::read_dir(podshaper_ebpf::pins::Pins::new(agent.bpffs()).links())
+            .unwrap()
+            .count(),
         1
     );
     agent.restart().unwrap();
@@ -600,7 +608,7 @@ async fn the_uninstall_hook_lifts_every_limit() {
         agent.status().unwrap()
     );
     // Not a link, map or pin left on the node.
-    let pins = std::fs::read_dir(agent.bpffs().join("v1"))
+    let pins = std::fs::read_dir(podshaper_ebpf::pins::Pins::new(agent.bpffs()).versioned())
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(pins, 0, "pins left under {}", agent.bpffs().display());

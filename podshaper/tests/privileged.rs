@@ -389,19 +389,48 @@ fn removed_cgroups_are_collected() {
 }
 
 #[test]
-fn pins_of_another_abi_version_are_refused() {
+fn pins_of_an_older_abi_version_are_migrated_and_newer_ones_refused() {
     let Some(_g) = privileged() else { return };
-    let dp = TempDatapath::load("abi").expect("load datapath");
-    let foreign = dp.root().join("v99");
-    std::fs::create_dir(&foreign).expect("make v99");
-    let err = podshaper_ebpf::Datapath::load(
-        podshaper_ebpf::pins::Pins::new(dp.root()),
-        podshaper_ebpf::cgroup::cgroup2_mount().unwrap(),
-    )
-    .err()
-    .expect("refused");
-    assert!(err.to_string().contains("ABI version 99"), "{err}");
-    std::fs::remove_dir(&foreign).expect("remove v99");
+    let ours = podshaper_ebpf::abi::ABI_VERSION;
+    let mount = podshaper_ebpf::cgroup::cgroup2_mount().expect("mount");
+    // An older daemon's state: the migration reads only the frozen head of each value.
+    let mut old = TempDatapath::load_version("abi", ours - 1).expect("load older datapath");
+    let cg = Cgroup::new("abi").expect("cgroup");
+    let limits = Limits {
+        egress: Some(10 * M),
+        ingress: Some(20 * M),
+    };
+    old.set(&cg.dir().expect("dir"), limits).expect("limit");
+    assert_eq!(attached_programs(cg.path()), 3);
+
+    let new = podshaper_ebpf::Datapath::load(podshaper_ebpf::pins::Pins::new(old.root()), mount.clone())
+        .expect("load migrates");
+    assert_eq!(new.limited().expect("list"), vec![cg.id()]);
+    let state = new.state(cg.id()).expect("state").expect("limited");
+    assert_eq!(state.limits, limits);
+    assert_eq!(
+        attached_programs(cg.path()),
+        3,
+        "the older programs are detached once this version's are attached"
+    );
+    assert!(new.pins().peer_link().exists(), "ingress limits get peer pacing");
+    assert!(
+        !old.root().join(format!("v{}", ours - 1)).exists(),
+        "the older tree is removed"
+    );
+
+    let newer = old.root().join(format!("v{}", ours + 1));
+    std::fs::create_dir(&newer).expect("make newer");
+    let err = podshaper_ebpf::Datapath::load(podshaper_ebpf::pins::Pins::new(old.root()), mount)
+        .err()
+        .expect("newer state is refused");
+    assert!(
+        err.to_string().contains(&format!("ABI version {}", ours + 1)),
+        "{err}"
+    );
+    std::fs::remove_dir(&newer).expect("remove newer");
+    // Nothing was touched by the refusal.
+    assert_eq!(new.limited().expect("list"), vec![cg.id()]);
 }
 
 // The daemon and CLI as a user runs them: a limit survives a daemon restart.
