@@ -1,10 +1,11 @@
 //! Labs for podshaper's privileged tests, `podshaper demo` and `podshaper-bench`: temporary
 //! cgroups, network namespaces joined by veth pairs, iperf3 runs with parsed reports, TBF set up
-//! by the real bandwidth CNI plugin, a datapath pinned in a private bpffs directory and BPF
-//! run-time statistics. Needs root. Every object cleans up on drop (also when a test panics)
+//! by the real bandwidth CNI plugin, a datapath pinned in a private bpffs directory, BPF
+//! run-time statistics and the machine's busy CPU time. Needs root. Every object cleans up on drop (also when a test panics)
 //! and carries a per-process unique name, `ps<pid>-<n>`, so labs can run in parallel.
 pub mod bpf_stats;
 pub mod cgroup;
+pub mod cpu;
 pub mod datapath;
 pub mod iperf;
 pub mod k8s;

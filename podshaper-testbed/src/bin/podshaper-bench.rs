@@ -14,6 +14,7 @@ use clap::{Parser, ValueEnum};
 use podshaper_ebpf::Limits;
 use podshaper_testbed::{
     bpf_stats::{self, ProgStats},
+    cpu,
     iperf::Protocol,
     run_client,
     sampler::{self, InOctetsSampler},
@@ -441,6 +442,10 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
         "no program Gbit/s",
         "podshaper Gbit/s",
         "ratio",
+        "no program CPU ms/GB",
+        "podshaper CPU ms/GB",
+        "CPU ratio",
+        "programs' CPU share",
         "egress ns/run",
         "ingress ns/run",
         "sock_ops ns/run",
@@ -469,35 +474,63 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
             let (mut base, mut shaped) = (Vec::new(), Vec::new());
             for _ in 0..OVERHEAD_RUNS {
                 let cg = Cgroup::new("bench-base")?;
-                base.push(measure(pair, &cg, &client, dir)?.report.received_bps);
+                base.push(costed(pair, &cg, &client, dir)?);
                 let cg = Cgroup::new("bench-high")?;
                 dp.set(&cg.dir()?, limits)?;
-                let r = measure(pair, &cg, &client, dir);
+                let r = costed(pair, &cg, &client, dir);
                 dp.remove(cg.id())?;
-                shaped.push(r?.report.received_bps);
+                shaped.push(r?);
             }
-            let (base, shaped) = (median(&mut base), median(&mut shaped));
-            let (egress, ingress, sockops) = {
+            let median_of =
+                |v: &[Cost], f: fn(&Cost) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
+            let (base_bps, shaped_bps) = (median_of(&base, |c| c.bps), median_of(&shaped, |c| c.bps));
+            let (base_cpu, shaped_cpu) = (
+                median_of(&base, |c| c.ms_per_gb),
+                median_of(&shaped, |c| c.ms_per_gb),
+            );
+            let (egress, ingress, sockops, share) = {
                 let cg = Cgroup::new("bench-stats")?;
                 dp.set(&cg.dir()?, limits)?;
                 let r = (|| -> Result<_> {
                     let _stats = bpf_stats::enable_stats()?;
                     let before = bpf_stats::cgroup_programs(cg.path())?;
+                    let busy = cpu::busy()?;
                     measure(pair, &cg, &client, dir)?;
+                    let busy = cpu::busy()? - busy;
                     let after = bpf_stats::cgroup_programs(cg.path())?;
                     let per_run = |kind: &str| ns_per_run(&before, &after, kind);
-                    Ok((per_run("egress"), per_run("ingress"), per_run("sock_ops")))
+                    // Time inside the programs over all busy CPU time of the run.
+                    let in_programs: u64 = after
+                        .iter()
+                        .map(|a| {
+                            let b = before.iter().find(|b| b.id == a.id).map_or(0, |b| b.run_time_ns);
+                            a.run_time_ns.saturating_sub(b)
+                        })
+                        .sum();
+                    let share = format!(
+                        "{:.2} %",
+                        100.0 * in_programs as f64 / busy.as_nanos().max(1) as f64
+                    );
+                    Ok((per_run("egress"), per_run("ingress"), per_run("sock_ops"), share))
                 })();
                 dp.remove(cg.id())?;
                 r?
             };
-            eprintln!("{:.2} vs {:.2} Gbit/s", base / 1e9, shaped / 1e9);
+            eprintln!(
+                "{:.2} vs {:.2} Gbit/s, {base_cpu:.0} vs {shaped_cpu:.0} CPU ms/GB, programs {share}",
+                base_bps / 1e9,
+                shaped_bps / 1e9
+            );
             t.push([
                 dir.name().to_string(),
                 f.to_string(),
-                format!("{:.2}", base / 1e9),
-                format!("{:.2}", shaped / 1e9),
-                format!("{:.2}", shaped / base),
+                format!("{:.2}", base_bps / 1e9),
+                format!("{:.2}", shaped_bps / 1e9),
+                format!("{:.2}", shaped_bps / base_bps),
+                format!("{base_cpu:.0}"),
+                format!("{shaped_cpu:.0}"),
+                format!("{:.2}", shaped_cpu / base_cpu),
+                share,
                 egress,
                 ingress,
                 sockops,
@@ -505,6 +538,22 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
         }
     }
     Ok(t)
+}
+
+/// Throughput of one overhead run and the machine's busy CPU time per GB it moved.
+struct Cost {
+    bps: f64,
+    ms_per_gb: f64,
+}
+
+fn costed(pair: &NetnsPair, cg: &Cgroup, client: &ClientOptions, dir: Dir) -> Result<Cost> {
+    let busy = cpu::busy()?;
+    let report = measure(pair, cg, client, dir)?.report;
+    let busy = cpu::busy()? - busy;
+    Ok(Cost {
+        bps: report.received_bps,
+        ms_per_gb: busy.as_secs_f64() * 1e3 / (report.received_bytes.max(1) as f64 / 1e9),
+    })
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -678,9 +727,13 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
             md,
             "TCP cubic between the namespaces with podshaper attached and limiting at {} both ways \
              (nothing is shaped) against the same cgroup without programs, median of \
-             {OVERHEAD_RUNS} alternating runs each. ns/run is the kernel's bpf_stats (run_time_ns / \
-             run_cnt) of each program, measured in a separate run because timing every run costs \
-             too.\n",
+             {OVERHEAD_RUNS} alternating runs each. Throughput on this small VM swings by tens of \
+             percent between runs, so the cost is also given as the machine's busy CPU time \
+             (/proc/stat: user, system, irq, softirq of all CPUs) per GB received: the CPU ratio \
+             is what podshaper adds per byte. ns/run is the kernel's bpf_stats (run_time_ns / \
+             run_cnt) of each program, and the programs' CPU share their summed run time over \
+             the busy CPU time of the same run; both come from a separate run because timing \
+             every run costs too.\n",
             rate(HIGH_LIMIT as f64)
         )?;
         writeln!(md, "{}", t.to_markdown())?;
