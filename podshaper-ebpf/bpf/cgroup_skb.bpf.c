@@ -38,6 +38,20 @@ struct ps_pkt {
 	struct ps_peer_key dst; // destination address and port (TCP only)
 };
 
+// Copies `len` bytes at `off` from the packet: straight from its linear part when they are
+// there (always for the headers of local TCP and GRO packets), else through the helper.
+static __always_inline int ps_load(struct __sk_buff *skb, __u32 off, void *to, const __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (off <= 64 && data + off + len <= end) {
+		__builtin_memcpy(to, data + off, len);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
+
 static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 {
 	__u32 l3 = 0, proto = 0;
@@ -52,7 +66,7 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 
-		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
+		if (ps_load(skb, 0, &ip, sizeof(ip)))
 			goto out;
 		l3 = ip.ihl * 4;
 		// Later fragments carry no L4 header.
@@ -64,7 +78,7 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 
-		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
+		if (ps_load(skb, 0, &ip6, sizeof(ip6)))
 			goto out;
 		l3 = sizeof(ip6);
 		proto = ip6.nexthdr; // extension headers: counted, not parsed
@@ -76,7 +90,7 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 	if (proto == IPPROTO_TCP) {
 		struct tcphdr th;
 
-		if (!bpf_skb_load_bytes(skb, l3, &th, sizeof(th))) {
+		if (!ps_load(skb, l3, &th, sizeof(th))) {
 			p->tcp = 1;
 			p->syn = th.syn;
 			p->hdrlen = l3 + th.doff * 4;

@@ -84,7 +84,9 @@ struct ps_flow {
 	__u32 epoch[2];
 	// Congestion window clamp last set on the socket (segments); 0 = never set.
 	__u32 clamp;
-	__u32 pad;
+	// snd_una when the socket's own cgroup program last applied: lets the node-level program,
+	// which runs after it for the same callback, skip the work.
+	__u32 handled_una;
 };
 
 // Key of ps_peers: the address and TCP port of a socket in an ingress-limited cgroup, as a

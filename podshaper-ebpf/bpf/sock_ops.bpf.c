@@ -149,6 +149,11 @@ static __always_inline int ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup
 	fl = bpf_sk_storage_get(&ps_flows, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!fl)
 		return 0;
+	// The socket's own cgroup program already applied the same minimum for this ACK (it runs
+	// before the root's): the node-level program has nothing to add. A stale mark (that
+	// program detached) stops matching at the next ACK, which moves snd_una.
+	if (!cg && fl->handled_una == skops->snd_una && fl->applied)
+		return fl->applied != PS_UNLIMITED;
 	if (cg) {
 		rate = ps_rate(cg, PS_EGRESS);
 		fl->egress = 0;
@@ -180,6 +185,8 @@ static __always_inline int ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup
 		}
 	}
 	ps_clamp(skops, fl, target);
+	if (cg)
+		fl->handled_una = skops->snd_una;
 	return target != PS_UNLIMITED;
 }
 

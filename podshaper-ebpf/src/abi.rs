@@ -91,7 +91,7 @@ pub struct Flow {
     pub published: u64,
     pub epoch: [u32; 2],
     pub clamp: u32,
-    pub pad: u32,
+    pub handled_una: u32,
 }
 
 /// `struct ps_peer_key`: an ingress-limited socket's address and port.

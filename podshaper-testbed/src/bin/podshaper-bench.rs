@@ -449,7 +449,20 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
         "egress ns/run",
         "ingress ns/run",
         "sock_ops ns/run",
+        "peer sock_ops ns/run",
     ]);
+    // The node-level sender pacing (attached to the cgroup v2 root while an ingress limit
+    // exists) runs for the same sockets: its cost counts too.
+    let root = podshaper_ebpf::cgroup::cgroup2_mount()?;
+    let programs = |cg: &Cgroup| -> Result<Vec<ProgStats>> {
+        let mut all = bpf_stats::cgroup_programs(cg.path())?;
+        all.extend(
+            bpf_stats::cgroup_programs(&root)?
+                .into_iter()
+                .filter(|p| p.name == "ps_peer_ops"),
+        );
+        Ok(all)
+    };
     let flows: &[u32] = if args.quick { &[1] } else { &[1, 8] };
     for dir in [Dir::Egress, Dir::Ingress] {
         for &f in flows {
@@ -488,17 +501,17 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
                 median_of(&base, |c| c.ms_per_gb),
                 median_of(&shaped, |c| c.ms_per_gb),
             );
-            let (egress, ingress, sockops, share) = {
+            let (egress, ingress, sockops, peer, share) = {
                 let cg = Cgroup::new("bench-stats")?;
                 dp.set(&cg.dir()?, limits)?;
                 let r = (|| -> Result<_> {
                     let _stats = bpf_stats::enable_stats()?;
-                    let before = bpf_stats::cgroup_programs(cg.path())?;
+                    let before = programs(&cg)?;
                     let busy = cpu::busy()?;
                     measure(pair, &cg, &client, dir)?;
                     let busy = cpu::busy()? - busy;
-                    let after = bpf_stats::cgroup_programs(cg.path())?;
-                    let per_run = |kind: &str| ns_per_run(&before, &after, kind);
+                    let after = programs(&cg)?;
+                    let per_run = |name: &str| ns_per_run(&before, &after, name);
                     // Time inside the programs over all busy CPU time of the run.
                     let in_programs: u64 = after
                         .iter()
@@ -511,7 +524,13 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
                         "{:.2} %",
                         100.0 * in_programs as f64 / busy.as_nanos().max(1) as f64
                     );
-                    Ok((per_run("egress"), per_run("ingress"), per_run("sock_ops"), share))
+                    Ok((
+                        per_run("ps_egress"),
+                        per_run("ps_ingress"),
+                        per_run("ps_sockops"),
+                        per_run("ps_peer_ops"),
+                        share,
+                    ))
                 })();
                 dp.remove(cg.id())?;
                 r?
@@ -534,6 +553,7 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
                 egress,
                 ingress,
                 sockops,
+                peer,
             ]);
         }
     }
@@ -561,9 +581,9 @@ fn median(v: &mut [f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-// `kind` matches bpftool's attach type: cgroup_inet_egress, cgroup_inet_ingress, sock_ops.
-fn ns_per_run(before: &[ProgStats], after: &[ProgStats], kind: &str) -> String {
-    let Some(a) = after.iter().find(|p| p.attach_type.ends_with(kind)) else {
+// `name` is the program's name as bpftool shows it.
+fn ns_per_run(before: &[ProgStats], after: &[ProgStats], name: &str) -> String {
+    let Some(a) = after.iter().find(|p| p.name == name) else {
         return "-".into();
     };
     let b = before.iter().find(|p| p.id == a.id).cloned().unwrap_or_default();
@@ -731,9 +751,10 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
              percent between runs, so the cost is also given as the machine's busy CPU time \
              (/proc/stat: user, system, irq, softirq of all CPUs) per GB received: the CPU ratio \
              is what podshaper adds per byte. ns/run is the kernel's bpf_stats (run_time_ns / \
-             run_cnt) of each program, and the programs' CPU share their summed run time over \
-             the busy CPU time of the same run; both come from a separate run because timing \
-             every run costs too.\n",
+             run_cnt) of each program (peer sock_ops: the node-level program on the cgroup v2 \
+             root, which runs for the same sockets while an ingress limit exists), and the \
+             programs' CPU share their summed run time over the busy CPU time of the same run; \
+             both come from a separate run because timing every run costs too.\n",
             rate(HIGH_LIMIT as f64)
         )?;
         writeln!(md, "{}", t.to_markdown())?;
