@@ -150,6 +150,9 @@ pub struct ClientOptions {
     pub interval: f64,
     /// The server sends and the client receives (`-R`).
     pub reverse: bool,
+    /// Per-flow pacing cap in bits/s (`--fq-rate`, SO_MAX_PACING_RATE on the sending sockets;
+    /// at most 34G, the option's 32-bit byte rate). It also turns on TCP's internal pacing.
+    pub pacing: Option<u64>,
     /// How long after the test's end to wait for the report. The final exchange travels over
     /// the shaped path: behind a deep queue (TBF with a large burst) it takes a while.
     pub grace: Duration,
@@ -166,6 +169,7 @@ impl ClientOptions {
             secs: 5,
             interval: 0.1,
             reverse: false,
+            pacing: None,
             grace: Duration::from_secs(30),
         }
     }
@@ -188,6 +192,9 @@ impl ClientOptions {
         ];
         if self.reverse {
             a.push("-R".into());
+        }
+        if let Some(bps) = self.pacing {
+            a.extend(["--fq-rate".into(), bps.to_string()]);
         }
         match &self.traffic {
             Traffic::Tcp { congestion: Some(cc) } => a.extend(["-C".into(), cc.clone()]),

@@ -120,6 +120,8 @@ const G: u64 = 1_000_000_000;
 const UDP_LEN: u32 = 1400;
 /// Overhead runs limit at this rate: far above what the veth carries, so nothing is shaped.
 const HIGH_LIMIT: u64 = 40 * G;
+/// Pacing cap of every overhead run (`--fq-rate`): above what the veth carries.
+const BASELINE_PACING: u64 = 34 * G;
 /// Runs per side of an overhead row.
 const OVERHEAD_RUNS: usize = 3;
 /// Intervals before this (seconds) are slow start and bucket bursts, not steady state.
@@ -477,6 +479,9 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
                 flows: f,
                 secs,
                 reverse: dir == Dir::Ingress,
+                // podshaper sets SO_MAX_PACING_RATE, which turns on TCP's internal pacing: the
+                // baseline gets it too, so that only the programs differ.
+                pacing: Some(BASELINE_PACING),
                 ..ClientOptions::new(NetnsPair::B_V4.into())
             };
             let limits = Limits {
@@ -747,7 +752,9 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
             md,
             "TCP cubic between the namespaces with podshaper attached and limiting at {} both ways \
              (nothing is shaped) against the same cgroup without programs, median of \
-             {OVERHEAD_RUNS} alternating runs each. Throughput on this small VM swings by tens of \
+             {OVERHEAD_RUNS} alternating runs each. Both sides pace at {} (iperf3 --fq-rate): \
+             podshaper's SO_MAX_PACING_RATE turns on TCP's internal pacing, so the baseline has \
+             it too and only the programs differ. Throughput on this small VM swings by tens of \
              percent between runs, so the cost is also given as the machine's busy CPU time \
              (/proc/stat: user, system, irq, softirq of all CPUs) per GB received: the CPU ratio \
              is what podshaper adds per byte. ns/run is the kernel's bpf_stats (run_time_ns / \
@@ -755,7 +762,8 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
              root, which runs for the same sockets while an ingress limit exists), and the \
              programs' CPU share their summed run time over the busy CPU time of the same run; \
              both come from a separate run because timing every run costs too.\n",
-            rate(HIGH_LIMIT as f64)
+            rate(HIGH_LIMIT as f64),
+            rate(BASELINE_PACING as f64)
         )?;
         writeln!(md, "{}", t.to_markdown())?;
     }
