@@ -21,6 +21,7 @@
 #define PS_PASS_CN 3
 
 #define PS_LOOPBACK_IFINDEX 1
+#define PS_SOCK_STREAM 1
 #define PS_AF_INET 2
 #define PS_AF_INET6 10
 #define PS_IP_OFFSET_MASK 0x1fff
@@ -126,7 +127,7 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	struct ps_dir_state *d;
 	struct ps_pkt p;
 	__u64 rate, now, burst, depth, elapsed, share = 0;
-	int verdict = PS_PASS, mark = 0, refresh = 0;
+	int verdict = PS_PASS, mark = 0, refresh = 0, control = 0;
 
 	// Loopback (127.0.0.0/8, ::1, the pod's own addresses) stays free and uncounted.
 	if (skb->ifindex == PS_LOOPBACK_IFINDEX)
@@ -144,6 +145,12 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 
 		if (sk)
 			fl = bpf_sk_storage_get(&ps_flows, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	} else if (p.tcp && skb->sk) {
+		struct bpf_sock *sk = bpf_sk_fullsock(skb->sk);
+
+		// A TCP socket's segment without payload: an ACK, SYN, FIN or RST. Raw sockets
+		// sending TCP headers are not TCP sockets and get no such pass.
+		control = sk && sk->type == PS_SOCK_STREAM;
 	}
 	// Bucket depth: 5 ms at the limit, and (below, once the flows are known) at least two
 	// packets per active flow, so that flows whose packets arrive together (timers firing at
@@ -237,6 +244,12 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	if (verdict & 1) {
 		d->tokens -= p.wire;
 		d->epoch_bytes += p.wire;
+	} else if (control) {
+		// Never drop a TCP socket's control segments: ACKs clock the data flowing the other
+		// way, and a pod uploading at 15 Gbit/s with a 1M ingress limit stalled for a second
+		// and lost thousands of segments when its ACKs were policed. Past the floor they pass
+		// without a debit, so that such a flow leaves no debt to repay for minutes after.
+		verdict = PS_PASS;
 	}
 	bpf_spin_unlock(&cg->lock);
 

@@ -126,6 +126,29 @@ fn egress_tcp_is_held_to_the_limit_for_one_and_many_flows() {
     );
 }
 
+// A limit in one direction must not throttle the other through its ACKs: a pod uploading at
+// gigabits with a 1M ingress limit receives tens of Mbit/s of ACKs. Policing them stalled the
+// upload for over a second and cost thousands of retransmits.
+#[test]
+fn an_ingress_limit_leaves_uploads_alone() {
+    let Some(_g) = privileged() else { return };
+    let mut lab = Lab::new("acks");
+    lab.limit(None, Some(M));
+    let r = lab.iperf(b_v4(), tcp(), 1, 3, false);
+    let slowest = r
+        .full_intervals()
+        .map(|i| i.bits_per_second)
+        .fold(f64::INFINITY, f64::min);
+    // 100x the ingress limit in every 100 ms interval, the first included: the upload itself
+    // runs at gigabits here.
+    assert!(
+        slowest > 100.0 * M as f64,
+        "an upload interval fell to {slowest:.0} bit/s under a 1M ingress limit"
+    );
+    let s = lab.dp.state(lab.pod.id()).expect("state").expect("limited");
+    assert_eq!(s.stats.drops, [0, 0], "ACKs were dropped: {s:?}");
+}
+
 #[test]
 fn egress_is_limited_over_ipv6() {
     let Some(_g) = privileged() else { return };
