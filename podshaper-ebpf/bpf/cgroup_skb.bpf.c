@@ -119,6 +119,15 @@ static __always_inline __u64 ps_min(__u64 a, __u64 b)
 	return a < b ? a : b;
 }
 
+// Debt past which TCP is signalled (egress CN); twice it, dropped. 20 ms at the limit, at least
+// 64 KB, plus every active flow's initial window up to half a second of the limit: the kernel
+// does not pace a flow's first ten segments, so flows that start together arrive as one burst.
+// Signalling or dropping that would only slow or repeat it; the controller repays the debt.
+static __always_inline __u64 ps_depth(const struct ps_dir_state *d, __u64 rate)
+{
+	return ps_max(rate / 50, 64 * 1024) + ps_min(PS_IW_BYTES * ps_flows_active(d), rate / 2);
+}
+
 static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 {
 	struct ps_cgroup *cg = bpf_get_local_storage(&ps_cgroups, 0);
@@ -152,15 +161,27 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		// sending TCP headers are not TCP sockets and get no such pass.
 		control = sk && sk->type == PS_SOCK_STREAM;
 	}
-	// Bucket depth: 5 ms at the limit, and (below, once the flows are known) at least two
+	// Bucket size: 5 ms at the limit, and (below, once the flows are known) at least two
 	// packets per active flow, so that flows whose packets arrive together (timers firing at
-	// once) are not starved. TCP is signalled only past 20 ms of debt.
+	// once) are not starved.
 	burst = ps_max(rate / 200, 3 * 1514);
-	depth = ps_max(rate / 50, 64 * 1024);
 	now = bpf_ktime_get_ns();
+	d = &cg->dir[dir];
+
+	// A control segment needs no verdict (see below): it is debited without the lock, which
+	// halves the locking of a bulk transfer (one ACK for every data packet or two). A debit lost
+	// to a concurrent refill is a few dozen bytes. Ingress SYNs take the locked path: they
+	// count a flow and publish its share.
+	if (control && !(dir == PS_INGRESS && p.syn) && READ_ONCE(d->refill_ns) &&
+	    READ_ONCE(cg->generation_seen) == READ_ONCE(cg->config.generation)) {
+		if (READ_ONCE(d->tokens) > -(__s64)(2 * ps_depth(d, rate))) {
+			__sync_fetch_and_add(&d->tokens, -(__s64)p.wire);
+			__sync_fetch_and_add(&d->epoch_bytes, p.wire);
+		}
+		goto count;
+	}
 
 	bpf_spin_lock(&cg->lock);
-	d = &cg->dir[dir];
 	if (cg->generation_seen != cg->config.generation) {
 		// New limits: restart both directions' controllers from a full bucket.
 		cg->generation_seen = cg->config.generation;
@@ -220,11 +241,7 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		if (fl)
 			fl->published = share;
 	}
-	// TCP's debt may go beyond the depth by every active flow's initial window, up to half a
-	// second of the limit: the kernel does not pace a flow's first ten segments, so flows
-	// that start together arrive as one burst. Signalling or dropping that would only slow
-	// or repeat it; the controller repays the debt it leaves.
-	depth += ps_min(PS_IW_BYTES * ps_flows_active(d), rate / 2);
+	depth = ps_depth(d, rate);
 	if (!p.tcp) {
 		if (d->tokens <= 0)
 			verdict = dir == PS_EGRESS ? PS_DROP_CN : PS_DROP;
