@@ -169,8 +169,8 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	d = &cg->dir[dir];
 
 	// A control segment needs no verdict (see below): it is debited without the lock, which
-	// halves the locking of a bulk transfer (one ACK for every data packet or two). A debit lost
-	// to a concurrent refill is a few dozen bytes. Ingress SYNs take the locked path: they
+	// halves the locking of a bulk transfer (one ACK for every data packet or two). A debit
+	// lost to a concurrent refill is a few dozen bytes. Ingress SYNs take the locked path: they
 	// count a flow and publish its share.
 	if (control && !(dir == PS_INGRESS && p.syn) && READ_ONCE(d->refill_ns) &&
 	    READ_ONCE(cg->generation_seen) == READ_ONCE(cg->config.generation)) {
@@ -263,9 +263,10 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		d->epoch_bytes += p.wire;
 	} else if (control) {
 		// Never drop a TCP socket's control segments: ACKs clock the data flowing the other
-		// way, and a pod uploading at 15 Gbit/s with a 1M ingress limit stalled for a second
-		// and lost thousands of segments when its ACKs were policed. Past the floor they pass
-		// without a debit, so that such a flow leaves no debt to repay for minutes after.
+		// way, and a pod uploading at 15 Gbit/s with a 1M ingress limit stalled for a
+		// second and lost thousands of segments when its ACKs were policed. Past the floor
+		// they pass without a debit, so that such a flow leaves no debt to repay for
+		// minutes after.
 		verdict = PS_PASS;
 	}
 	bpf_spin_unlock(&cg->lock);

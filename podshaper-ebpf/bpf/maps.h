@@ -161,9 +161,9 @@ static __always_inline void ps_roll_epoch(struct ps_dir_state *d, __u64 rate, __
 		if (factor < 1 << 16 && ps_flows_joined(d))
 			factor = 1 << 16;
 		// Take the whole correction when the epoch saw PS_EPOCH_FULL bytes, less (down to a
-		// quarter) when it saw fewer: at low rates one epoch holds a few dozen packets whose
-		// count jumps with the flows' phases, and a full step turns that noise into a limit
-		// cycle. At high rates the count is exact and overshoot must go at once.
+		// quarter) when it saw fewer: at low rates one epoch holds a few dozen packets
+		// whose count jumps with the flows' phases, and a full step turns that noise into a
+		// limit cycle. At high rates the count is exact and overshoot must go at once.
 		weight = (d->epoch_bytes << 16) / PS_EPOCH_FULL;
 		if (weight < 1 << 14)
 			weight = 1 << 14;
