@@ -155,10 +155,18 @@ impl Datapath {
                     what: format!("read map info of {}", path.display()),
                     source: std::io::Error::other(e.to_string()),
                 })?;
+            if size < abi::CGROUP_HEAD {
+                // Not a layout this code knows: reading it would lift the limits it holds.
+                return Err(Error::Unmigratable {
+                    path: old.versioned(),
+                    found: old.version(),
+                    size,
+                });
+            }
             for id in ids {
                 let mut buf = vec![0u8; size.max(std::mem::size_of::<Cgroup>())];
                 let read = sys::lookup(map.fd().as_fd(), id, &mut buf[..size], sys::BPF_F_LOCK);
-                let head: Cgroup = sys::from_bytes(&buf[..size.min(abi::CGROUP_HEAD)]);
+                let head: Cgroup = sys::from_bytes(&buf[..abi::CGROUP_HEAD]);
                 let limits = Limits::from_config(&head.config);
                 // A cgroup removed while no daemon ran has no storage left: just unpin.
                 if let (Ok(()), Some(path)) = (read, cgroup::path_of(&self.mount, id)?) {

@@ -38,6 +38,15 @@ pub enum Error {
         found: u32,
         ours: u32,
     },
+    #[error(
+        "cannot migrate pinned state at {} (ABI version {found}): its ps_cgroups values are {size} bytes, less than the head every version keeps; `podshaper reset` drops all limits",
+        path.display()
+    )]
+    Unmigratable {
+        path: std::path::PathBuf,
+        found: u32,
+        size: usize,
+    },
     #[error("load BPF object {object}: {source}")]
     Load {
         object: &'static str,
