@@ -4,6 +4,7 @@
 //! datapath is in-process and answers in microseconds; Events go out in tasks of their own.
 use std::{
     collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -424,13 +425,7 @@ impl Reconciler {
         match self.ask(Request::Status {
             cgroup: Some(dir.to_path_buf()),
         }) {
-            Ok(Response::Status { cgroups }) => cgroups
-                .first()
-                .map(|s| Wanted {
-                    egress: s.egress.limit,
-                    ingress: s.ingress.limit,
-                })
-                .unwrap_or_default(),
+            Ok(Response::Status { cgroups }) => cgroups.first().map(wanted_of).unwrap_or_default(),
             _ => Wanted::default(),
         }
     }
@@ -528,15 +523,21 @@ impl Reconciler {
             .map(|(u, _)| u.clone())
             .collect();
         // Every 10 s, also pods whose limits in force differ from what was applied (a
-        // `podshaper reset` or `unlimit` on the node): the annotations win.
+        // `podshaper reset` or `unlimit` on the node): the annotations win. One status of the
+        // whole node, matched by cgroup id (the directory's inode), not a request per pod.
         if self.ticks.is_multiple_of(10) {
+            let in_force: HashMap<u64, Wanted> = match self.ask(Request::Status { cgroup: None }) {
+                Ok(Response::Status { cgroups }) => cgroups.iter().map(|c| (c.id, wanted_of(c))).collect(),
+                _ => HashMap::new(),
+            };
             let drifted: Vec<String> = self
                 .pods
                 .iter()
                 .filter(|(_, t)| {
-                    t.applied
-                        .as_ref()
-                        .is_some_and(|(dir, w)| self.limits_in_force(dir) != *w)
+                    t.applied.as_ref().is_some_and(|(dir, w)| {
+                        let id = std::fs::metadata(dir).map(|m| m.ino()).ok();
+                        id.and_then(|id| in_force.get(&id)).copied().unwrap_or_default() != *w
+                    })
                 })
                 .map(|(u, _)| u.clone())
                 .collect();
@@ -569,9 +570,18 @@ impl Reconciler {
 // Only cgroups the agent named (namespace/name) are pods.
 fn sample(status: CgroupStatus) -> Option<PodSample> {
     let (namespace, pod) = status.name.as_deref()?.split_once('/')?;
+    let (namespace, pod) = (namespace.to_string(), pod.to_string());
     Some(PodSample {
-        namespace: namespace.into(),
-        pod: pod.into(),
-        status: status.clone(),
+        namespace,
+        pod,
+        status,
     })
+}
+
+/// The limits a cgroup's status shows.
+fn wanted_of(status: &CgroupStatus) -> Wanted {
+    Wanted {
+        egress: status.egress.limit,
+        ingress: status.ingress.limit,
+    }
 }

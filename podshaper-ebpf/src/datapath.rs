@@ -103,15 +103,8 @@ impl Datapath {
                 .load()
                 .map_err(|e| prog_err(&format!("load {name}"), e))?;
         }
-        let open = |name: &str| {
-            let path = maps_dir.join(name);
-            MapData::from_pin(&path).map_err(|e| Error::Map {
-                what: format!("open pinned map {}", path.display()),
-                source: std::io::Error::other(e.to_string()),
-            })
-        };
-        let cgroups = open("ps_cgroups")?;
-        let stats = open("ps_stats")?;
+        let cgroups = open_pinned(&maps_dir.join("ps_cgroups"))?;
+        let stats = open_pinned(&maps_dir.join("ps_stats"))?;
         let ncpus = aya::util::nr_cpus().map_err(|(what, source)| Error::Io {
             what: format!("read {what}"),
             source,
@@ -144,10 +137,7 @@ impl Datapath {
         let ids = old.pinned_cgroups()?;
         if !ids.is_empty() {
             let path = old.maps().join("ps_cgroups");
-            let map = MapData::from_pin(&path).map_err(|e| Error::Map {
-                what: format!("open pinned map {}", path.display()),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+            let map = open_pinned(&path)?;
             let size = map
                 .info()
                 .map(|i| i.value_size() as usize)
@@ -164,8 +154,8 @@ impl Datapath {
                 });
             }
             for id in ids {
-                let mut buf = vec![0u8; size.max(std::mem::size_of::<Cgroup>())];
-                let read = sys::lookup(map.fd().as_fd(), id, &mut buf[..size], sys::BPF_F_LOCK);
+                let mut buf = vec![0u8; size];
+                let read = sys::lookup(map.fd().as_fd(), id, &mut buf, sys::BPF_F_LOCK);
                 let head: Cgroup = sys::from_bytes(&buf[..abi::CGROUP_HEAD]);
                 let limits = Limits::from_config(&head.config);
                 // A cgroup removed while no daemon ran has no storage left: just unpin.
@@ -436,6 +426,13 @@ fn prog_err(what: &str, source: aya::programs::ProgramError) -> Error {
         what: what.to_string(),
         source: Box::new(source),
     }
+}
+
+fn open_pinned(path: &Path) -> Result<MapData, Error> {
+    MapData::from_pin(path).map_err(|e| Error::Map {
+        what: format!("open pinned map {}", path.display()),
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 fn pin(link: FdLink, path: &Path) -> Result<(), Error> {

@@ -512,9 +512,7 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
                 let r = (|| -> Result<_> {
                     let _stats = bpf_stats::enable_stats()?;
                     let before = programs(&cg)?;
-                    let busy = cpu::busy()?;
-                    measure(pair, &cg, &client, dir)?;
-                    let busy = cpu::busy()? - busy;
+                    let busy = costed(pair, &cg, &client, dir)?.busy;
                     let after = programs(&cg)?;
                     let per_run = |name: &str| ns_per_run(&before, &after, name);
                     // Time inside the programs over all busy CPU time of the run.
@@ -565,18 +563,21 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
     Ok(t)
 }
 
-/// Throughput of one overhead run and the machine's busy CPU time per GB it moved.
+/// Throughput of one overhead run, the machine's busy CPU time during it and that time per GB
+/// it moved.
 struct Cost {
     bps: f64,
+    busy: Duration,
     ms_per_gb: f64,
 }
 
 fn costed(pair: &NetnsPair, cg: &Cgroup, client: &ClientOptions, dir: Dir) -> Result<Cost> {
-    let busy = cpu::busy()?;
+    let before = cpu::busy()?;
     let report = measure(pair, cg, client, dir)?.report;
-    let busy = cpu::busy()? - busy;
+    let busy = cpu::busy()? - before;
     Ok(Cost {
         bps: report.received_bps,
+        busy,
         ms_per_gb: busy.as_secs_f64() * 1e3 / (report.received_bytes.max(1) as f64 / 1e9),
     })
 }
