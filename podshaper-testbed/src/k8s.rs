@@ -199,7 +199,7 @@ impl ControlPlane {
                 "--service-account-issuer=https://kubernetes.default.svc".into(),
                 format!("--service-account-key-file={}", p("sa.pub")),
                 format!("--service-account-signing-key-file={}", p("sa.key")),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                "--service-cluster-ip-range=198.19.0.0/16".into(),
                 "--allow-privileged=true".into(),
                 "--v=1".into(),
             ],
@@ -447,7 +447,7 @@ impl Kubelet {
         name: &str,
         labels: &[(&str, &str)],
     ) -> Result<RunningPod> {
-        self.run_pod_with(namespace, name, QosClass::BestEffort, &[], labels, "10.0.255.1")
+        self.run_pod_with(namespace, name, QosClass::BestEffort, &[], labels, "198.18.255.1")
             .await
     }
 

@@ -1,6 +1,6 @@
 //! Network namespaces: a single one, and the "two pods" lab of two namespaces joined by a veth
-//! pair. Addresses come only from the benchmarking ranges (198.18.0.0/15, RFC 2544, and a
-//! ULA), so a lab never clashes with real networks. Everything is deleted on drop.
+//! pair. Addresses come only from the benchmarking ranges (198.18.0.0/15, RFC 2544, and
+//! 2001:2::/48, RFC 5180), so a lab never clashes with real networks. Everything is deleted on drop.
 use std::{
     ffi::{CString, OsStr},
     fs,
@@ -122,7 +122,7 @@ pub fn spawn_in<S: AsRef<OsStr>>(
 }
 
 /// Two namespaces, A and B, joined by a veth pair: the "two pods" lab. A holds 198.18.0.1/24
-/// and fd53:5053::1/64, B holds .2 and ::2. In benches A is the pod and B its peer (the node
+/// and 2001:2::1/64, B holds .2 and ::2. In benches A is the pod and B its peer (the node
 /// side, where the bandwidth CNI plugin puts its qdiscs).
 #[derive(Debug)]
 pub struct NetnsPair {
@@ -139,9 +139,9 @@ impl NetnsPair {
     /// IPv4 address of B.
     pub const B_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
     /// IPv6 address of A.
-    pub const A_V6: Ipv6Addr = Ipv6Addr::new(0xfd53, 0x5053, 0, 0, 0, 0, 0, 1);
+    pub const A_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0x2, 0, 0, 0, 0, 0, 1);
     /// IPv6 address of B.
-    pub const B_V6: Ipv6Addr = Ipv6Addr::new(0xfd53, 0x5053, 0, 0, 0, 0, 0, 2);
+    pub const B_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0x2, 0, 0, 0, 0, 0, 2);
     /// MTU of the veth pair (the kernel default).
     pub const MTU: u32 = 1500;
 

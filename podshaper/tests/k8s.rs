@@ -250,11 +250,11 @@ async fn a_malformed_annotation_changes_nothing_and_says_why() {
     // With an agent-wide maximum, to see a too-high limit cut to it.
     let agent = agent_with(&cluster, None, &["--max-rate", "1G"]);
     let a = kubelet
-        .run_pod(NS, "a", QosClass::Guaranteed, &[(EGRESS, "10M")], "10.0.0.1")
+        .run_pod(NS, "a", QosClass::Guaranteed, &[(EGRESS, "10M")], "198.18.10.1")
         .await
         .unwrap();
     let b = kubelet
-        .run_pod(NS, "b", QosClass::BestEffort, &[(INGRESS, "20M")], "10.0.0.2")
+        .run_pod(NS, "b", QosClass::BestEffort, &[(INGRESS, "20M")], "198.18.10.2")
         .await
         .unwrap();
     wait_limits(&agent, "a", Some((Some(10 * M), None)), Duration::from_secs(5));
@@ -334,7 +334,7 @@ async fn a_malformed_annotation_changes_nothing_and_says_why() {
     // A pod whose cgroup never shows up: retried, then an Event; nobody else is touched.
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(cluster.admin.clone(), NS);
     let ghost = kubelet
-        .run_pod(NS, "ghost", QosClass::BestEffort, &[], "10.0.0.3")
+        .run_pod(NS, "ghost", QosClass::BestEffort, &[], "198.18.10.3")
         .await
         .unwrap();
     drop(ghost.cgroup);
@@ -473,7 +473,7 @@ async fn a_full_node_of_110_pods_is_limited() {
         let name = format!("p{i}");
         pods.push(
             kubelet
-                .run_pod(NS, &name, qos, &[(EGRESS, &rate)], "10.0.1.1")
+                .run_pod(NS, &name, qos, &[(EGRESS, &rate)], "198.18.11.1")
                 .await
                 .unwrap(),
         );
@@ -570,7 +570,7 @@ async fn the_uninstall_hook_lifts_every_limit() {
             "limited",
             QosClass::BestEffort,
             &[(EGRESS, "10M"), (INGRESS, "10M")],
-            "10.0.0.9",
+            "198.18.10.9",
         )
         .await
         .unwrap();

@@ -119,7 +119,7 @@ async fn measure(
     // 1. Annotation change -> enforced, on one pod, one change at a time.
     pods.push(
         kubelet
-            .run_pod(NS, "probe", QosClass::Burstable, &[(EGRESS, "10M")], "10.9.0.1")
+            .run_pod(NS, "probe", QosClass::Burstable, &[(EGRESS, "10M")], "198.18.9.1")
             .await?,
     );
     agent.wait_limits(NS, "probe", Some((Some(10 * M), None)), Duration::from_secs(10))?;
@@ -156,7 +156,7 @@ async fn measure(
         let rate = format!("{}M", 1 + i);
         pods.push(
             kubelet
-                .run_pod(NS, &format!("p{i}"), qos, &[(EGRESS, &rate)], "10.9.0.2")
+                .run_pod(NS, &format!("p{i}"), qos, &[(EGRESS, &rate)], "198.18.9.2")
                 .await?,
         );
     }
