@@ -240,17 +240,9 @@ impl Reconciler {
 
     /// Lifts every limit on the node: the chart is being uninstalled.
     fn lift_all(&mut self, own: &ObjectReference) {
-        // Reset detaches everything and loads fresh maps; unpin those too, so an uninstalled
-        // node keeps no podshaper state at all.
-        let reset = self.ask(Request::Reset).and_then(|_| {
-            let root = self
-                .state
-                .lock()
-                .map_err(|_| "daemon state is poisoned".to_string())?
-                .bpffs_root();
-            podshaper_ebpf::reset(&root).map_err(|e| e.to_string())
-        });
-        match reset {
+        // The daemon's reset detaches and unpins everything and keeps nothing loaded: an
+        // uninstalled node keeps no podshaper state at all.
+        match self.ask(Request::Reset) {
             Ok(_) => {
                 info!("uninstall requested: lifted every limit on this node");
                 self.uninstalled = true;
@@ -274,12 +266,9 @@ impl Reconciler {
         }
     }
 
-    /// Takes the limits up again after a called-off uninstall: fresh pinned maps, every pod.
+    /// Takes the limits up again after a called-off uninstall: every pod (the daemon pins
+    /// fresh maps with the first limit).
     fn resume(&mut self, own: &ObjectReference) {
-        if let Err(e) = self.ask(Request::Reset) {
-            warn!(error = %e, "resume after a called-off uninstall");
-            return;
-        }
         self.uninstalled = false;
         self.metrics.set_idle(false);
         info!("uninstall called off: limiting pods again");

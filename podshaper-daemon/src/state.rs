@@ -29,8 +29,13 @@ struct Sample {
 /// The datapath, the last rate sample and the name of each limited cgroup. Cgroup paths are
 /// not kept: they are read back from the kernel by id, so they stay right across renames and
 /// restarts. Names (the agent's namespace/pod) are not pinned: their owner sets them again.
+///
+/// After a reset there is no datapath: nothing is loaded or pinned until the next limit, so
+/// a daemon that stops after a reset leaves nothing behind.
 pub struct State {
-    datapath: Datapath,
+    datapath: Option<Datapath>,
+    root: PathBuf,
+    peer_pacing: bool,
     mount: PathBuf,
     samples: HashMap<u64, Sample>,
     names: HashMap<u64, String>,
@@ -47,8 +52,7 @@ impl State {
             Some(p) => return Err(Error::NotCgroup2(p.to_path_buf())),
             None => cgroup::cgroup2_mount()?,
         };
-        let mut datapath = Datapath::load(Pins::new(root), mount.clone())?;
-        datapath.set_peer_pacing(peer_pacing);
+        let mut datapath = load(root, peer_pacing, &mount)?;
         let gone = datapath.collect_garbage(&mount)?;
         if !gone.is_empty() {
             info!(count = gone.len(), "removed state of cgroups that are gone");
@@ -56,11 +60,26 @@ impl State {
         let adopted = datapath.limited()?.len();
         info!(adopted, root = %root.display(), cgroup2 = %mount.display(), "datapath ready");
         Ok(Self {
-            datapath,
+            datapath: Some(datapath),
+            root: root.to_path_buf(),
+            peer_pacing,
             mount,
             samples: HashMap::new(),
             names: HashMap::new(),
         })
+    }
+
+    // The datapath, loaded again (pinning fresh maps) if a reset dropped it: for requests
+    // that set limits.
+    fn datapath_mut(&mut self) -> Result<&mut Datapath, Error> {
+        let datapath = match self.datapath.take() {
+            Some(d) => d,
+            None => {
+                info!(root = %self.root.display(), "loading the datapath again after a reset");
+                load(&self.root, self.peer_pacing, &self.mount)?
+            }
+        };
+        Ok(self.datapath.insert(datapath))
     }
 
     /// Answers one request. Errors become `Response::Error`; a failed request changes nothing.
@@ -94,7 +113,10 @@ impl State {
         name: Option<String>,
     ) -> Result<Response, Error> {
         let cg = self.resolve(user)?;
-        let current = self.datapath.state(cg.id)?.map(|s| s.limits).unwrap_or_default();
+        let current = match &self.datapath {
+            Some(d) => d.state(cg.id)?.map(|s| s.limits).unwrap_or_default(),
+            None => Limits::default(),
+        };
         let apply = |c: Change, cur: Option<u64>| match c {
             Change::Keep => cur,
             Change::Unlimited => None,
@@ -104,21 +126,29 @@ impl State {
             egress: apply(egress, current.egress),
             ingress: apply(ingress, current.ingress),
         };
-        self.datapath.set(&cg, limits)?;
+        if limits.is_none() && self.datapath.is_none() {
+            // Nothing is limited after a reset: no need to load anything to lift a limit.
+            return Ok(Response::Ok { status: None });
+        }
+        let datapath = self.datapath_mut()?;
+        datapath.set(&cg, limits)?;
+        let status = datapath.state(cg.id)?;
         if limits.is_none() {
             self.forget(cg.id);
         } else if let Some(name) = name {
             self.names.insert(cg.id, name);
         }
         info!(?limits, "limits set");
-        let status = self.datapath.state(cg.id)?.map(|s| self.describe(&s));
+        let status = status.map(|s| self.describe(&s));
         Ok(Response::Ok { status })
     }
 
     #[instrument(skip_all, fields(cgroup = %user.display()))]
     fn unlimit(&mut self, user: &Path) -> Result<Response, Error> {
         let cg = self.resolve(user)?;
-        self.datapath.remove(cg.id)?;
+        if let Some(d) = self.datapath.as_mut() {
+            d.remove(cg.id)?;
+        }
         self.forget(cg.id);
         info!("limits removed");
         Ok(Response::Ok { status: None })
@@ -127,11 +157,14 @@ impl State {
     fn status(&mut self, only: Option<&Path>) -> Result<Response, Error> {
         let only = only.map(|p| self.resolve(p)).transpose()?;
         let mut cgroups = Vec::new();
-        for id in self.datapath.limited()? {
+        let Some(datapath) = &self.datapath else {
+            return Ok(Response::Status { cgroups });
+        };
+        for id in datapath.limited()? {
             if only.as_ref().is_some_and(|c| c.id != id) {
                 continue;
             }
-            if let Some(s) = self.datapath.state(id)? {
+            if let Some(s) = datapath.state(id)? {
                 cgroups.push(self.describe(&s));
             }
         }
@@ -139,13 +172,11 @@ impl State {
     }
 
     fn reset(&mut self) -> Result<Response, Error> {
-        let root = self.datapath.pins().root().to_path_buf();
-        podshaper_ebpf::reset(&root)?;
-        // The loaded programs still use the maps just unpinned: load afresh so new limits
-        // land in pinned maps a later daemon can adopt.
-        let peer_pacing = self.datapath.peer_pacing();
-        self.datapath = Datapath::load(Pins::new(&root), self.mount.clone())?;
-        self.datapath.set_peer_pacing(peer_pacing);
+        // Unpin everything (links first, which detaches the programs), then close the loaded
+        // programs and maps: nothing of ours stays in the kernel. The next limit loads and
+        // pins afresh.
+        podshaper_ebpf::reset(&self.root)?;
+        self.datapath = None;
         self.samples.clear();
         self.names.clear();
         info!("all limits and pinned state removed");
@@ -155,22 +186,26 @@ impl State {
     /// Samples the byte counters to compute the rates `status` shows, and removes the state
     /// of cgroups that were deleted. Called once a second.
     pub fn tick(&mut self) {
-        match self.datapath.collect_garbage(&self.mount) {
+        let Some(datapath) = self.datapath.as_mut() else {
+            return;
+        };
+        match datapath.collect_garbage(&self.mount) {
             Ok(gone) => {
                 for id in gone {
                     info!(id, "cgroup is gone; removed its state");
-                    self.forget(id);
+                    self.samples.remove(&id);
+                    self.names.remove(&id);
                 }
             }
             Err(e) => warn!(error = %e, "collect state of removed cgroups"),
         }
         let now = Instant::now();
-        let ids = match self.datapath.limited() {
+        let ids = match datapath.limited() {
             Ok(ids) => ids,
             Err(e) => return warn!(error = %e, "list limited cgroups"),
         };
         for id in ids {
-            match self.datapath.state(id) {
+            match datapath.state(id) {
                 Ok(Some(s)) => {
                     let sample = self.samples.entry(id).or_insert(Sample {
                         at: now,
@@ -201,7 +236,7 @@ impl State {
 
     /// The bpffs directory of the pinned state.
     pub fn bpffs_root(&self) -> PathBuf {
-        self.datapath.pins().root().to_path_buf()
+        self.root.clone()
     }
 
     /// The cgroup v2 hierarchy this state works in.
@@ -231,4 +266,10 @@ impl State {
             ingress: dir(INGRESS, s.limits.ingress),
         }
     }
+}
+
+fn load(root: &Path, peer_pacing: bool, mount: &Path) -> Result<Datapath, Error> {
+    let mut datapath = Datapath::load(Pins::new(root), mount.to_path_buf())?;
+    datapath.set_peer_pacing(peer_pacing);
+    Ok(datapath)
 }

@@ -560,3 +560,102 @@ fn limits_survive_a_daemon_restart() {
     assert!(!bpffs.exists(), "pins left after reset");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// Ids of the loaded BPF programs that carry one of our names.
+fn our_programs() -> std::collections::BTreeSet<u64> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .expect("run bpftool (make deps installs it)");
+    assert!(out.status.success(), "bpftool prog show: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v.as_array()
+        .expect("a list of programs")
+        .iter()
+        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("ps_")))
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+/// Files (pins) anywhere under `dir`; 0 when it does not exist.
+fn pins_under(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => pins_under(&e.path()),
+            _ => 1,
+        })
+        .sum()
+}
+
+/// Removes whatever a test left pinned under a private bpffs root, also when it fails.
+struct PinsGuard(std::path::PathBuf);
+
+impl Drop for PinsGuard {
+    fn drop(&mut self) {
+        if let Err(e) = podshaper_ebpf::reset(&self.0) {
+            if !thread::panicking() {
+                panic!("remove pins under {}: {e}", self.0.display());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_daemon_that_was_reset_leaves_nothing_behind_when_it_stops() {
+    let Some(_g) = privileged() else { return };
+    let tmp = std::env::temp_dir().join(format!("podshaper-reset-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("tmp dir");
+    let socket = tmp.join("podshaper.sock");
+    let bpffs = Path::new("/sys/fs/bpf").join(format!("podshaper-reset-{}", std::process::id()));
+    let _pins = PinsGuard(bpffs.clone());
+    let before = our_programs();
+    let cgroups: Vec<Cgroup> = (0..20)
+        .map(|i| Cgroup::new(&format!("reset{i}")).expect("cgroup"))
+        .collect();
+
+    let daemon = Daemon::start(&socket, &bpffs);
+    for cg in &cgroups {
+        let path = cg.path().to_string_lossy().into_owned();
+        // Both directions, so the node-level peer pacing is attached too.
+        let out = cli(
+            &socket,
+            &["limit", "--cgroup", &path, "--egress", "10M", "--ingress", "20M"],
+        );
+        assert!(out.status.success(), "limit: {out:?}");
+    }
+    assert_eq!(attached_programs(cgroups[0].path()), 3);
+    assert!(pins_under(&bpffs) > 0, "nothing was pinned");
+    let out = cli(&socket, &["reset"]);
+    assert!(out.status.success(), "reset: {out:?}");
+    // Still serving, with nothing limited.
+    let out = cli(&socket, &["status", "--json"]);
+    assert!(out.status.success(), "status: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    daemon.stop();
+
+    assert_eq!(pins_under(&bpffs), 0, "pins left under {}", bpffs.display());
+    for cg in &cgroups {
+        assert_eq!(
+            attached_programs(cg.path()),
+            0,
+            "programs left on {}",
+            cg.path().display()
+        );
+    }
+    // The kernel frees a program after an RCU grace period: give it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<u64> = our_programs().difference(&before).copied().collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "programs of ours still loaded: {left:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
