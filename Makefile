@@ -33,12 +33,12 @@ bench-k8s: deps k8s-bins build
 
 fmt:
 	$(CARGO) fmt --all
-	clang-format -i podshaper-ebpf/bpf/*.c podshaper-ebpf/bpf/*.h
+	clang-format -i podshaper-ebpf/bpf/*.c podshaper-ebpf/bpf/*.h podshaper-testbed/bpf/*.c
 
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
-	clang-format --dry-run --Werror podshaper-ebpf/bpf/*.c podshaper-ebpf/bpf/*.h
+	clang-format --dry-run --Werror podshaper-ebpf/bpf/*.c podshaper-ebpf/bpf/*.h podshaper-testbed/bpf/*.c
 
 clean:
 	$(CARGO) clean

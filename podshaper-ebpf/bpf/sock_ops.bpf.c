@@ -25,6 +25,13 @@
 // TCP header with the timestamp option, which Linux uses by default.
 #define PS_TCP_HDR 32
 
+// Adds to the socket's callback flags: bpf_sock_ops_cb_flags_set() replaces them, and other
+// sock_ops programs on the socket (Cilium, tracers) keep the callbacks they asked for.
+static __always_inline void ps_want_callbacks(struct bpf_sock_ops *skops, int flags)
+{
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | flags);
+}
+
 // Only touch the socket when the target moved by more than 1/32: setsockopt is not free.
 static __always_inline int ps_differs(__u64 a, __u64 b)
 {
@@ -206,7 +213,7 @@ int ps_sockops(struct bpf_sock_ops *skops)
 		if (ps_peer_of(skops, &key))
 			break;
 		// RTT callbacks re-apply the share on every ACK a sender gets.
-		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_RTT_CB_FLAG);
+		ps_want_callbacks(skops, BPF_SOCK_OPS_RTT_CB_FLAG);
 		ps_apply(skops, cg, st);
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
@@ -229,8 +236,7 @@ int ps_peer_ops(struct bpf_sock_ops *skops)
 		// Only flows toward a limited peer get RTT callbacks: the rest of the node pays
 		// one hash lookup per connection.
 		if (ps_apply(skops, NULL, NULL))
-			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-			                                         BPF_SOCK_OPS_RTT_CB_FLAG);
+			ps_want_callbacks(skops, BPF_SOCK_OPS_RTT_CB_FLAG);
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
 		ps_apply(skops, NULL, NULL);

@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod iperf;
 pub mod k8s;
 pub mod netns;
+pub mod probe;
 pub mod sampler;
 pub mod table;
 pub mod tbf;

@@ -659,3 +659,40 @@ fn a_daemon_that_was_reset_leaves_nothing_behind_when_it_stops() {
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
+// Another tool's sock_ops program (here the tests' probe, on a container cgroup of the pod, so
+// it runs before podshaper's) asks for state callbacks; podshaper's programs must add their
+// own flags to the socket rather than replace them, or the probe never hears of a close.
+#[test]
+fn another_sock_ops_program_keeps_the_callbacks_it_asked_for() {
+    let Some(_g) = privileged() else { return };
+    let mut lab = Lab::new("coexist");
+    lab.limit(Some(20 * M), Some(20 * M));
+    let child = Cgroup::new_in(lab.pod.path(), "container").expect("child cgroup");
+    let probe = podshaper_testbed::probe::CallbackProbe::attach(child.path()).expect("attach probe");
+    let r = iperf(&lab.pair, &child, b_v4(), tcp(), 2, 1, false);
+    assert!(r.mean_after_bps(0.0).is_some(), "no traffic: {r:?}");
+    let s = lab
+        .dp
+        .state(lab.pod.id())
+        .expect("state")
+        .expect("cgroup is limited");
+    assert!(
+        s.stats.adjusts[EGRESS] > 0,
+        "podshaper's sock_ops never ran: {s:?}"
+    );
+    // iperf3 opened a control and two data connections, all closed when it returned; the
+    // last close may still be on its way through the FIN handshake.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let closes = probe.closes().expect("read probe");
+        if closes >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the probe saw no close: its STATE_CB flag was cleared"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+

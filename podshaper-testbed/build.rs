@@ -1,0 +1,31 @@
+//! Compiles the tests' own BPF programs (bpf/*.bpf.c) with clang into $OUT_DIR.
+use std::{env, path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+const OBJECTS: &[&str] = &["cb_probe"];
+
+fn main() -> Result<()> {
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    let clang = env::var("CLANG").unwrap_or_else(|_| "clang".into());
+    let arch = env::var("CARGO_CFG_TARGET_ARCH")?;
+    println!("cargo:rerun-if-env-changed=CLANG");
+    for name in OBJECTS {
+        let src = format!("bpf/{name}.bpf.c");
+        println!("cargo:rerun-if-changed={src}");
+        let mut cmd = Command::new(&clang);
+        cmd.args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+            .arg(format!("-I/usr/include/{arch}-linux-gnu"))
+            .arg("-c")
+            .arg(&src)
+            .arg("-o")
+            .arg(out.join(format!("{name}.bpf.o")));
+        let o = cmd
+            .output()
+            .with_context(|| format!("run {cmd:?} (is clang installed? `make deps`)"))?;
+        if !o.status.success() {
+            bail!("{cmd:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! A sock_ops program of the tests' own (bpf/cb_probe.bpf.c), standing in for another tool's:
+//! it asks for state callbacks on the connections it sees open and counts the closes it is
+//! then told of. Checks that podshaper's programs add to a socket's callback flags rather than
+//! replace them.
+use std::{fs::File, os::fd::AsFd, path::Path};
+
+use aya::{
+    maps::Array,
+    programs::{CgroupAttachMode, SockOps},
+    Ebpf,
+};
+
+use crate::Error;
+
+static CB_PROBE_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cb_probe.bpf.o"));
+
+/// The probe, attached to one cgroup; detached when dropped.
+pub struct CallbackProbe {
+    ebpf: Ebpf,
+}
+
+fn bpf_err(what: String, e: impl std::fmt::Display) -> Error {
+    Error::Io {
+        what,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+impl CallbackProbe {
+    /// Loads the probe and attaches it to `cgroup` (a cgroup's programs run before those of
+    /// its ancestors). A bpf_link attach (what aya makes on this kernel) is always multi:
+    /// `Single` is the mode it takes.
+    pub fn attach(cgroup: &Path) -> Result<Self, Error> {
+        let mut ebpf = Ebpf::load(CB_PROBE_OBJ).map_err(|e| bpf_err("load cb_probe.bpf.o".into(), e))?;
+        let what = format!("attach cb_probe to {}", cgroup.display());
+        let file = File::open(cgroup).map_err(|source| Error::Io {
+            what: format!("open {}", cgroup.display()),
+            source,
+        })?;
+        let prog: &mut SockOps = ebpf
+            .program_mut("cb_probe")
+            .ok_or_else(|| bpf_err(what.clone(), "no program cb_probe"))?
+            .try_into()
+            .map_err(|e| bpf_err(what.clone(), e))?;
+        prog.load().map_err(|e| bpf_err(what.clone(), e))?;
+        prog.attach(file.as_fd(), CgroupAttachMode::Single)
+            .map_err(|e| bpf_err(what, e))?;
+        Ok(Self { ebpf })
+    }
+
+    /// Connections the probe was told closed.
+    pub fn closes(&self) -> Result<u64, Error> {
+        let map = self
+            .ebpf
+            .map("probe_closes")
+            .ok_or_else(|| bpf_err("read probe_closes".into(), "no map"))?;
+        let closes: Array<_, u64> =
+            Array::try_from(map).map_err(|e| bpf_err("read probe_closes".into(), e))?;
+        closes
+            .get(&0, 0)
+            .map_err(|e| bpf_err("read probe_closes".into(), e))
+    }
+}
