@@ -67,6 +67,11 @@ pub enum Error {
     },
     #[error("{}: refusing to limit the root cgroup (the whole host); limit a child cgroup", .0.display())]
     RootCgroup(std::path::PathBuf),
+    #[error(
+        "{}: not on bpffs: choose a directory under /sys/fs/bpf (mounted there when missing) or mount bpffs at it first",
+        .0.display()
+    )]
+    NotBpffs(std::path::PathBuf),
     #[error("BPF object has no program {0}")]
     MissingProgram(String),
     #[error("{0}")]

@@ -17,6 +17,9 @@ use std::{
 
 use crate::{abi::ABI_VERSION, Error};
 
+/// Where bpffs is mounted by convention (systemd, Kubernetes nodes): the one place podshaper
+/// mounts it when it is missing.
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// Default bpffs directory of podshaper.
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/podshaper";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -89,12 +92,25 @@ impl Pins {
         self.links().join(format!("new-{id}"))
     }
 
-    /// Makes sure bpffs is mounted at the root's file system and the directories exist.
-    /// Returns the older ABI versions pinned beside, oldest first, for the caller to migrate;
-    /// refuses state pinned by a newer version.
+    /// Makes sure the root is on bpffs and the directories exist. bpffs is mounted only at
+    /// its standard place, /sys/fs/bpf, for a root under it (a host or container without
+    /// one); anywhere else, mounting would hide whatever the directory held, so a root
+    /// outside bpffs is refused. Returns the older ABI versions pinned beside, oldest first,
+    /// for the caller to migrate; refuses state pinned by a newer version.
     pub fn prepare(&self) -> Result<Vec<u32>, Error> {
-        let bpffs = self.root.parent().unwrap_or(Path::new("/sys/fs/bpf"));
-        ensure_bpffs(bpffs)?;
+        let standard = Path::new(BPFFS_MOUNT);
+        if self.root.starts_with(standard) {
+            ensure_bpffs(standard)?;
+        }
+        // The deepest directory that exists tells the file system the root will be made on.
+        let existing = self
+            .root
+            .ancestors()
+            .find(|p| p.is_dir())
+            .unwrap_or(Path::new("/"));
+        if !is_bpffs(existing) {
+            return Err(Error::NotBpffs(self.root.clone()));
+        }
         mkdir(&self.root)?;
         let mut older = Vec::new();
         for e in fs::read_dir(&self.root).map_err(|source| io_err("read", &self.root, source))? {
@@ -211,5 +227,26 @@ pub fn remove_tree(path: &Path) -> Result<(), Error> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(io_err("remove", path, source)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // `--bpffs /var/lib/x/pins` once mounted bpffs over /var/lib/x, hiding what it held.
+    #[test]
+    fn a_root_outside_bpffs_is_refused_and_nothing_is_mounted() {
+        let dir = std::env::temp_dir().join(format!("podshaper-not-bpffs-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("kept"), "x").unwrap();
+        let root = dir.join("pins");
+        let err = Pins::new(&root).prepare().unwrap_err();
+        assert!(matches!(&err, Error::NotBpffs(p) if *p == root), "{err:?}");
+        assert!(err.to_string().contains("not on bpffs"), "{err}");
+        assert!(!is_bpffs(&dir), "bpffs was mounted at {}", dir.display());
+        assert!(dir.join("kept").exists(), "{} was hidden", dir.display());
+        assert!(!root.exists(), "{} was created", root.display());
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
