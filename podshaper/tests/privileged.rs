@@ -696,3 +696,45 @@ fn another_sock_ops_program_keeps_the_callbacks_it_asked_for() {
     }
 }
 
+// UDP sockets count as flows (two packets each size the bucket), so a bulk TCP flow beside
+// seven UDP trickles starts at an eighth of the limit: the epoch controller must hand it
+// what the trickles leave unused.
+#[test]
+fn a_tcp_flow_beside_udp_trickles_gets_the_limit_less_the_trickle() {
+    let Some(_g) = privileged() else { return };
+    let mut lab = Lab::new("trickle");
+    let limit = 20 * M;
+    lab.limit(Some(limit), None);
+    // 7 sockets, each 50 packets/s (one per 20 ms) of 100 bytes: 40 kbit/s of payload.
+    let (trickles, pps, len) = (7, 50, 100);
+    let trickle_l3 = trickles * pps * (len + 8 + 20) * 8;
+    let port = podshaper_testbed::iperf::DEFAULT_PORT + 1;
+    let server = ServerOptions {
+        port,
+        ..ServerOptions::default()
+    };
+    let _udp_server = IperfServer::start(lab.pair.b(), None, &server).expect("iperf3 UDP server");
+    let udp = ClientOptions {
+        port,
+        traffic: Traffic::Udp {
+            // The offered load of all the flows together.
+            rate: trickles * pps * len * 8,
+            len: len as u32,
+        },
+        flows: trickles as u32,
+        secs: 6,
+        ..ClientOptions::new(b_v4())
+    };
+    let (tcp_report, udp_report) = thread::scope(|s| {
+        let udp = s.spawn(|| run_client(lab.pair.a(), Some(&lab.pod), &udp).expect("UDP trickles"));
+        // The trickles are counted before the bulk flow starts.
+        thread::sleep(Duration::from_millis(500));
+        let tcp = lab.iperf(b_v4(), tcp(), 1, 4, false);
+        (tcp, udp.join().expect("UDP thread"))
+    });
+    let lost = udp_report.lost_percent().unwrap_or(0.0);
+    let tcp = ratio(&tcp_report, L3::TCP_V4, limit - trickle_l3);
+    eprintln!("TCP {tcp:.3} of the limit less the trickle; trickles lost {lost:.1}%");
+    assert!(lost < 10.0, "the trickles lost {lost:.1}% of their packets");
+    assert_within("TCP beside 7 UDP trickles", tcp, 0.85, 1.1);
+}
