@@ -19,7 +19,7 @@ use podshaper_api::{
     Rate,
 };
 use podshaper_daemon::State;
-use podshaper_testbed::{
+use podshaper_lab::{
     run_client, Cgroup, ClientOptions, IperfReport, IperfServer, NetnsPair, ServerOptions, Table, Traffic, L3,
 };
 
