@@ -11,7 +11,7 @@ for p in "${pkgs[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "deps: missing packages: ${missing[*]}; run as root (sudo make ...) to install them" >&2
+    echo "deps: missing packages: ${missing[*]}; run make as root (with sudo where you are not) to install them" >&2
     exit 1
   fi
   echo "deps: installing ${missing[*]}"

@@ -66,7 +66,7 @@ pub fn root_or_skip(needs: &str) -> bool {
         std::env::var("CI").as_deref() != Ok("true"),
         "{test}: privileged tests must run as root under CI"
     );
-    eprintln!("SKIPPED {test}: needs root ({needs}); run `sudo make test`");
+    eprintln!("SKIPPED {test}: needs root ({needs}); run `make test` as root");
     false
 }
 

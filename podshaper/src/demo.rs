@@ -56,7 +56,7 @@ impl Drop for Pins {
 /// Runs the demo.
 pub fn run(args: Args) -> Result<()> {
     if euid() != 0 {
-        bail!("the demo needs root: it loads BPF programs and makes cgroups and network namespaces (sudo make demo)");
+        bail!("the demo needs root: it loads BPF programs and makes cgroups and network namespaces (run `make demo` as root)");
     }
     if which("iperf3").is_none() {
         bail!("the demo needs iperf3: run `make deps` (or apt-get install iperf3)");

@@ -251,9 +251,9 @@ fn write_section(path: &Path, table: &Table, lines: &[String]) -> Result<()> {
     let mut md = format!("{head}\n\n{MARKER}\n## Kubernetes agent\n\n");
     writeln!(
         md,
-        "<!-- Written by podshaper-bench-k8s: regenerate with `sudo make bench-k8s`. -->\n"
+        "<!-- Written by podshaper-bench-k8s: regenerate with `make bench-k8s` as root. -->\n"
     )?;
-    writeln!(md, "- run: `sudo make bench-k8s` on {rev}, {date}")?;
+    writeln!(md, "- run: `make bench-k8s` as root on {rev}, {date}")?;
     for l in lines {
         writeln!(md, "- {l}")?;
     }

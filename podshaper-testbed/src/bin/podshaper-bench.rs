@@ -711,13 +711,13 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
     writeln!(md, "# Benchmarks\n")?;
     writeln!(
         md,
-        "<!-- Written by podshaper-bench --markdown: regenerate with `sudo make bench`, do not edit. -->\n"
+        "<!-- Written by podshaper-bench --markdown: regenerate with `make bench` as root, do not edit. -->\n"
     )?;
     writeln!(
         md,
         "podshaper against TBF as Kubernetes sets it up (the bandwidth CNI plugin with containerd's \
          burst), each holding one pod to a limit, on the same machine in the same run. The bench is \
-         `podshaper-testbed/src/bin/podshaper-bench.rs`; `sudo make bench` runs the full matrix \
+         `podshaper-testbed/src/bin/podshaper-bench.rs`; `make bench` (as root) runs the full matrix \
          (about 20 minutes), `BENCH_ARGS=--quick` a small one.\n"
     )?;
     writeln!(md, "## Run\n")?;
