@@ -1,5 +1,7 @@
-//! Compiles the BPF programs (bpf/*.bpf.c) with clang into $OUT_DIR, and a host probe that
-//! prints the C layout of podshaper.h so the Rust mirrors can be checked against it.
+//! Compiles the BPF programs (bpf/*.bpf.c) with clang into $OUT_DIR, a host probe that
+//! prints the C layout of podshaper.h so the Rust mirrors can be checked against it, and the
+//! controller's arithmetic (bpf/controller.h) for the host, twice (as is and undamped), as
+//! static libraries that only the unit tests link (src/controller.rs).
 use std::{env, path::PathBuf, process::Command};
 
 use anyhow::{bail, Context, Result};
@@ -25,7 +27,13 @@ fn main() -> Result<()> {
         other => bail!("unsupported target arch {other}"),
     };
     let multiarch = format!("-I/usr/include/{arch}-linux-gnu");
-    for f in ["bpf/podshaper.h", "bpf/maps.h", "bpf/abi_probe.c"] {
+    for f in [
+        "bpf/podshaper.h",
+        "bpf/maps.h",
+        "bpf/controller.h",
+        "bpf/controller_host.c",
+        "bpf/abi_probe.c",
+    ] {
         println!("cargo:rerun-if-changed={f}");
     }
     println!("cargo:rerun-if-env-changed=CLANG");
@@ -45,5 +53,26 @@ fn main() -> Result<()> {
         .arg(&probe))?;
     let layout = run(&mut Command::new(&probe))?;
     std::fs::write(out.join("abi_layout.rs"), layout)?;
+
+    // cc archives the objects; linking is left to the tests' #[link] attributes, so the
+    // product never carries them.
+    for (lib, undamped) in [("ps_controller", false), ("ps_controller_undamped", true)] {
+        let dir = out.join(lib);
+        std::fs::create_dir_all(&dir)?;
+        let mut build = cc::Build::new();
+        build
+            .compiler(&clang)
+            .file("bpf/controller_host.c")
+            .include(format!("/usr/include/{arch}-linux-gnu"))
+            .flag("-Wall")
+            .flag("-Werror")
+            .out_dir(&dir)
+            .cargo_metadata(false);
+        if undamped {
+            build.define("PS_HOST_UNDAMPED", None);
+        }
+        build.try_compile(lib).with_context(|| format!("compile {lib}"))?;
+        println!("cargo:rustc-link-search=native={}", dir.display());
+    }
     Ok(())
 }

@@ -13,20 +13,11 @@
 #include <bpf/bpf_endian.h>
 #include "maps.h"
 
-// Return values of cgroup_skb programs. The _CN forms (egress only, kernel 5.3, 5cf1e914) also
-// tell a local TCP sender to enter CWR; a UDP sender sees ENOBUFS on drop.
-#define PS_DROP 0
-#define PS_PASS 1
-#define PS_DROP_CN 2
-#define PS_PASS_CN 3
-
 #define PS_LOOPBACK_IFINDEX 1
 #define PS_SOCK_STREAM 1
 #define PS_AF_INET 2
 #define PS_AF_INET6 10
 #define PS_IP_OFFSET_MASK 0x1fff
-// A TCP initial window: ten full segments (RFC 6928, the kernel's default).
-#define PS_IW_BYTES (10 * 1514)
 
 struct ps_pkt {
 	__u32 hdrlen; // L3 + L4 header bytes of one segment
@@ -109,25 +100,6 @@ out:
 		p->wire += (skb->gso_segs - 1) * p->hdrlen;
 }
 
-static __always_inline __u64 ps_max(__u64 a, __u64 b)
-{
-	return a > b ? a : b;
-}
-
-static __always_inline __u64 ps_min(__u64 a, __u64 b)
-{
-	return a < b ? a : b;
-}
-
-// Debt past which TCP is signalled (egress CN); twice it, dropped. 20 ms at the limit, at least
-// 64 KB, plus every active flow's initial window up to half a second of the limit: the kernel
-// does not pace a flow's first ten segments, so flows that start together arrive as one burst.
-// Signalling or dropping that would only slow or repeat it; the controller repays the debt.
-static __always_inline __u64 ps_depth(const struct ps_dir_state *d, __u64 rate)
-{
-	return ps_max(rate / 50, 64 * 1024) + ps_min(PS_IW_BYTES * ps_flows_active(d), rate / 2);
-}
-
 static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 {
 	struct ps_cgroup *cg = bpf_get_local_storage(&ps_cgroups, 0);
@@ -135,7 +107,7 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	struct ps_flow *fl = NULL;
 	struct ps_dir_state *d;
 	struct ps_pkt p;
-	__u64 rate, now, burst, depth, elapsed, share = 0;
+	__u64 rate, now, depth, share = 0;
 	int verdict = PS_PASS, mark = 0, refresh = 0, control = 0;
 
 	// Loopback (127.0.0.0/8, ::1, the pod's own addresses) stays free and uncounted.
@@ -161,10 +133,6 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		// sending TCP headers are not TCP sockets and get no such pass.
 		control = sk && sk->type == PS_SOCK_STREAM;
 	}
-	// Bucket size: 5 ms at the limit, and (below, once the flows are known) at least two
-	// packets per active flow, so that flows whose packets arrive together (timers firing at
-	// once) are not starved.
-	burst = ps_max(rate / 200, 3 * 1514);
 	now = bpf_ktime_get_ns();
 	d = &cg->dir[dir];
 
@@ -183,55 +151,22 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 
 	bpf_spin_lock(&cg->lock);
 	if (cg->generation_seen != cg->config.generation) {
-		// New limits: restart both directions' controllers from a full bucket.
 		cg->generation_seen = cg->config.generation;
-		cg->dir[0].share = 0;
-		cg->dir[1].share = 0;
-		cg->dir[0].gain = 0;
-		cg->dir[1].gain = 0;
-		cg->dir[0].refill_ns = 0;
-		cg->dir[1].refill_ns = 0;
+		ps_restart(&cg->dir[0]);
+		ps_restart(&cg->dir[1]);
 	}
-	if (!d->refill_ns) {
-		d->tokens = burst;
-		d->refill_ns = now;
-		d->epoch_start_ns = now;
-		d->epoch_bytes = 0;
-	}
-	burst = ps_max(burst, 2 * 1514 * (__u64)ps_flows_active(d));
-	// `now` was read before the lock: another CPU may have refilled with a later time.
-	if ((__s64)(now - d->refill_ns) > 0) {
-		elapsed = now - d->refill_ns;
-		if (elapsed > PS_NSEC)
-			elapsed = PS_NSEC;
-		d->tokens += ps_bytes_in(rate, elapsed);
-		d->refill_ns = now;
-	}
-	if (d->tokens > (__s64)burst)
-		d->tokens = burst;
+	ps_refill(d, rate, now);
 	ps_roll_epoch(d, rate, now);
 
-	// A connection being set up (ingress SYN) or a flow's first data in this epoch: it counts
-	// as active, and a flow beyond the window's count shrinks everyone's share at once. The
-	// epoch controller hands unused share back later.
 	if ((dir == PS_INGRESS && p.syn) || (fl && fl->epoch[dir] != d->epoch + 1)) {
-		__u32 n = ps_flows_active(d);
-
 		if (fl && !p.syn) {
 			fl->epoch[dir] = d->epoch + 1;
 			refresh = 1;
 		}
-		if (++d->flows[d->epoch % PS_FLOW_EPOCHS] > n)
-			ps_set_share(d, rate);
+		ps_flow_joins(d, rate);
 	}
-	// Ingress brake: in debt with a gain above the equal split, the flows are using what idle
-	// flows left them all at once. Back to the equal split now rather than at the epoch's end,
-	// so senders re-pace at their next ACK before the policer drops whole GRO packets (dozens
-	// of segments each). Egress needs none: CN signals the sender without a loss.
-	if (dir == PS_INGRESS && p.tcp && d->tokens < 0 && d->gain > PS_GAIN_ONE) {
-		d->gain = PS_GAIN_ONE;
-		ps_set_share(d, rate);
-	}
+	if (dir == PS_INGRESS && p.tcp)
+		ps_brake(d, rate);
 	// Republish this socket's ingress share when it changed (a flow joined or left, an epoch
 	// ended), on a SYN, and once per epoch so that the entry never ages past PS_PEER_TTL_NS
 	// while the flow moves data: senders on this node re-pace at their next ACK.
@@ -242,26 +177,8 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 			fl->published = share;
 	}
 	depth = ps_depth(d, rate);
-	if (!p.tcp) {
-		// Policed, with the same debt allowance TCP gets before it is signalled: paced TCP
-		// holds the bucket near empty, and a threshold at 0 cost UDP beside it (DNS, a
-		// trickle of metrics) 30-40% of its packets. A flood alone still gets the limit.
-		if (d->tokens <= -(__s64)depth)
-			verdict = dir == PS_EGRESS ? PS_DROP_CN : PS_DROP;
-	} else if (dir == PS_EGRESS) {
-		// TCP is paced by sock_ops; the bucket only catches what pacing misses
-		// (flows older than the attach, overshoot) with CN first, drop last.
-		if (d->tokens <= -(__s64)(2 * depth))
-			verdict = PS_DROP_CN;
-		else if (d->tokens <= -(__s64)depth)
-			verdict = PS_PASS_CN;
-	} else {
-		if (d->tokens <= -(__s64)(2 * depth))
-			verdict = PS_DROP;
-		else if (d->tokens <= 0 && (p.ect == 1 || p.ect == 2))
-			mark = 1;
-	}
-	if (verdict & 1) {
+	verdict = ps_judge(d->tokens, depth, p.tcp, dir, p.ect, &mark);
+	if (verdict & PS_VERDICT_PASS) {
 		d->tokens -= p.wire;
 		d->epoch_bytes += p.wire;
 	} else if (control) {
@@ -284,7 +201,7 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		__sync_fetch_and_add(&st->marks[dir], 1);
 	if (verdict == PS_PASS_CN)
 		__sync_fetch_and_add(&st->marks[dir], 1);
-	if (!(verdict & 1)) {
+	if (!(verdict & PS_VERDICT_PASS)) {
 		__sync_fetch_and_add(&st->drops[dir], 1);
 		return verdict;
 	}

@@ -4,6 +4,7 @@
 //! descriptor.
 pub mod abi;
 pub mod cgroup;
+mod controller;
 mod datapath;
 pub mod pins;
 mod sys;

@@ -1,0 +1,54 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+// Copyright (c) 2026 The podshaper authors
+//
+// Host build of controller.h for src/controller.rs's tests: one exported wrapper per function,
+// so the tests run the very arithmetic the BPF programs run. build.rs compiles it twice: as is
+// (psh_*) and with PS_HOST_UNDAMPED (psh_undamped_*), the controller without its damping.
+#include <linux/bpf.h>
+#include "controller.h"
+
+#ifdef PS_HOST_UNDAMPED
+#define PSH(name) psh_undamped_##name
+#else
+#define PSH(name) psh_##name
+#endif
+
+void PSH(roll_epoch)(struct ps_dir_state *d, __u64 rate, __u64 now)
+{
+	ps_roll_epoch(d, rate, now);
+}
+
+void PSH(refill)(struct ps_dir_state *d, __u64 rate, __u64 now)
+{
+	ps_refill(d, rate, now);
+}
+
+void PSH(flow_joins)(struct ps_dir_state *d, __u64 rate)
+{
+	ps_flow_joins(d, rate);
+}
+
+void PSH(restart)(struct ps_dir_state *d)
+{
+	ps_restart(d);
+}
+
+int PSH(brake)(struct ps_dir_state *d, __u64 rate)
+{
+	return ps_brake(d, rate);
+}
+
+__u64 PSH(depth)(const struct ps_dir_state *d, __u64 rate)
+{
+	return ps_depth(d, rate);
+}
+
+__u64 PSH(bucket_cap)(const struct ps_dir_state *d, __u64 rate)
+{
+	return ps_bucket_cap(d, rate);
+}
+
+int PSH(judge)(__s64 tokens, __u64 depth, int tcp, int dir, int ect, int *mark)
+{
+	return ps_judge(tokens, depth, tcp, dir, ect, mark);
+}
