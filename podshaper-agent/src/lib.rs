@@ -50,11 +50,10 @@ pub async fn run(opts: Options) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let socket = opts.daemon.socket.clone();
-    let mut server = tokio::spawn({
-        let (state, stop) = (state.clone(), stopped(stop_rx.clone()));
-        async move { podshaper_daemon::serve(&socket, state, stop).await }
-    });
+    // The local API, for `podshaper status` on the node. Bound before anything else: a
+    // second agent or daemon serving it would fight this one over the limits.
+    let server = podshaper_daemon::Server::bind(&opts.daemon.socket).await?;
+    let server = tokio::spawn(server.serve(state.clone(), stopped(stop_rx.clone())));
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
         .await
         .with_context(|| format!("listen on {} for metrics", opts.metrics_addr))?;
@@ -82,27 +81,18 @@ pub async fn run(opts: Options) -> Result<()> {
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            // The socket task also ticks the datapath (rates, state of removed cgroups): the
-            // agent cannot run on without it.
-            ended = &mut server => {
-                let why = match ended {
-                    Ok(Ok(())) => "stopped".to_string(),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
-                };
-                anyhow::bail!("local API on {}: {why}", opts.daemon.socket.display());
-            }
             event = pods.next() => match event {
                 Some(Ok(event)) => reconciler.on_event(event),
                 // The watcher retries with backoff; limits stay as they are meanwhile.
                 Some(Err(e)) => warn!(error = %e, "pod watch"),
                 None => break,
             },
+            // The agent owns the daemon's periodic work too: one tick for both.
             _ = tick.tick() => reconciler.tick(),
         }
     }
     let _ = stop_tx.send(true);
-    if let Ok(Err(e)) = server.await {
+    if let Err(e) = server.await {
         warn!(error = %e, "local API");
     }
     if let Ok(Err(e)) = http.await {

@@ -6,7 +6,7 @@ use std::{
     collections::{HashMap, HashSet},
     os::unix::fs::MetadataExt,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -19,7 +19,7 @@ use kube::{
     Resource, ResourceExt,
 };
 use podshaper_api::{
-    proto::{CgroupStatus, Change, Request, Response},
+    proto::{CgroupStatus, Change},
     Rate,
 };
 use podshaper_daemon::State;
@@ -149,15 +149,11 @@ impl Reconciler {
         self.uninstalled
     }
 
-    fn ask(&self, req: Request) -> Result<Response, String> {
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| "daemon state is poisoned".to_string())?;
-        match state.handle(req) {
-            Response::Error { message } => Err(message),
-            ok => Ok(ok),
-        }
+    /// The daemon, in this process. A panic while it was held leaves the lock poisoned but
+    /// the state whole: each of its calls changes the kernel's maps first and its own view
+    /// after, and the maps are the truth it reads back.
+    fn daemon(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Handles one event of the pod watch.
@@ -242,8 +238,9 @@ impl Reconciler {
     fn lift_all(&mut self, own: &ObjectReference) {
         // The daemon's reset detaches and unpins everything and keeps nothing loaded: an
         // uninstalled node keeps no podshaper state at all.
-        match self.ask(Request::Reset) {
-            Ok(_) => {
+        let reset = self.daemon().reset();
+        match reset {
+            Ok(()) => {
                 info!("uninstall requested: lifted every limit on this node");
                 self.uninstalled = true;
                 self.metrics.set_idle(true);
@@ -261,7 +258,7 @@ impl Reconciler {
             }
             Err(e) => {
                 warn!(error = %e, "uninstall requested, but lifting the limits failed");
-                self.publish(own, EventType::Warning, "LiftFailed", &e);
+                self.publish(own, EventType::Warning, "LiftFailed", &e.to_string());
             }
         }
     }
@@ -363,12 +360,12 @@ impl Reconciler {
         };
         let before = self.limits_in_force(&dir);
         let change = |r: Option<Rate>| r.map(Change::Set).unwrap_or(Change::Unlimited);
-        let result = self.ask(Request::Limit {
-            cgroup: dir.clone(),
-            egress: change(wanted.egress),
-            ingress: change(wanted.ingress),
-            name: Some(pod.key()),
-        });
+        let result = self.daemon().limit(
+            &dir,
+            change(wanted.egress),
+            change(wanted.ingress),
+            Some(pod.key()),
+        );
         match result {
             Ok(_) => {
                 if let Some(t) = self.pods.get_mut(uid) {
@@ -397,6 +394,17 @@ impl Reconciler {
                     self.publish(&pod.reference, EventType::Normal, reason, &wanted.to_string());
                 }
             }
+            // The cgroup went between the lookup and the apply (a pod restarting its
+            // sandbox): look it up again, as for one not found yet.
+            Err(e) if e.is_no_such_cgroup() => {
+                debug!(pod = %pod.key(), error = %e, "cgroup gone before the apply");
+                if let Some(t) = self.pods.get_mut(uid) {
+                    t.applied = None;
+                }
+                self.cgroup_missing(uid);
+            }
+            // Anything else (EPERM, a full map, a kernel refusing the programs) needs a fix
+            // on the node: say so, and retry with backoff.
             Err(e) => {
                 self.metrics.apply_errors.get_or_create(&pod.labels()).inc();
                 if let Some(t) = self.pods.get_mut(uid) {
@@ -411,12 +419,11 @@ impl Reconciler {
 
     /// The limits the datapath has for `dir` now (none if it is not limited).
     fn limits_in_force(&self, dir: &std::path::Path) -> Wanted {
-        match self.ask(Request::Status {
-            cgroup: Some(dir.to_path_buf()),
-        }) {
-            Ok(Response::Status { cgroups }) => cgroups.first().map(wanted_of).unwrap_or_default(),
-            _ => Wanted::default(),
-        }
+        let status = self.daemon().status(Some(dir));
+        status
+            .ok()
+            .and_then(|cgroups| cgroups.first().map(wanted_of))
+            .unwrap_or_default()
     }
 
     fn cgroup_missing(&mut self, uid: &str) {
@@ -471,7 +478,7 @@ impl Reconciler {
     /// (limited with the CLI) are left alone.
     fn remove_stale(&mut self) {
         let known: HashSet<&str> = self.pods.keys().map(String::as_str).collect();
-        let Ok(Response::Status { cgroups }) = self.ask(Request::Status { cgroup: None }) else {
+        let Ok(cgroups) = self.daemon().status(None) else {
             return;
         };
         // Pods that ask for no limit (their annotations went while no agent ran).
@@ -490,10 +497,9 @@ impl Reconciler {
             if known.contains(uid.as_str()) && !unannotated.contains(uid.as_str()) {
                 continue;
             }
-            match self.ask(Request::Unlimit {
-                cgroup: c.cgroup.clone(),
-            }) {
-                Ok(_) => {
+            let unlimited = self.daemon().unlimit(&c.cgroup);
+            match unlimited {
+                Ok(()) => {
                     info!(cgroup = %c.cgroup.display(), uid, "removed the limit of a pod that is gone or asks for none")
                 }
                 Err(e) => warn!(cgroup = %c.cgroup.display(), error = %e, "remove stale limit"),
@@ -501,8 +507,10 @@ impl Reconciler {
         }
     }
 
-    /// Retries pods whose cgroup was missing and refreshes the metrics. Called once a second.
+    /// The agent's periodic work, once a second: ticks the daemon (rates, state of removed
+    /// cgroups), retries pods whose cgroup was missing, and refreshes the metrics.
     pub fn tick(&mut self) {
+        self.daemon().tick();
         let now = Instant::now();
         self.ticks += 1;
         let mut due: Vec<String> = self
@@ -515,9 +523,13 @@ impl Reconciler {
         // `podshaper reset` or `unlimit` on the node): the annotations win. One status of the
         // whole node, matched by cgroup id (the directory's inode), not a request per pod.
         if self.ticks.is_multiple_of(10) {
-            let in_force: HashMap<u64, Wanted> = match self.ask(Request::Status { cgroup: None }) {
-                Ok(Response::Status { cgroups }) => cgroups.iter().map(|c| (c.id, wanted_of(c))).collect(),
-                _ => HashMap::new(),
+            let status = self.daemon().status(None);
+            let in_force: HashMap<u64, Wanted> = match status {
+                Ok(cgroups) => cgroups.iter().map(|c| (c.id, wanted_of(c))).collect(),
+                Err(e) => {
+                    warn!(error = %e, "read the limits in force");
+                    HashMap::new()
+                }
             };
             let drifted: Vec<String> = self
                 .pods
@@ -547,10 +559,8 @@ impl Reconciler {
     }
 
     fn refresh_metrics(&self) {
-        let cgroups = match self.ask(Request::Status { cgroup: None }) {
-            Ok(Response::Status { cgroups }) => cgroups,
-            _ => return,
-        };
+        let status = self.daemon().status(None);
+        let Ok(cgroups) = status else { return };
         let samples = cgroups.into_iter().filter_map(sample).collect();
         self.metrics.set_pods(samples);
     }

@@ -40,11 +40,16 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT. Limits stay in force after it returns.
+/// Runs the daemon until SIGTERM or SIGINT: serves the socket and ticks the state. Limits stay
+/// in force after it returns.
 pub async fn run(opts: Options) -> Result<(), Error> {
     let state = opts.open()?;
+    let server = Server::bind(&opts.socket).await?;
     let stop = shutdown_signal()?;
-    serve(&opts.socket, state, stop).await?;
+    tokio::select! {
+        () = server.serve(state.clone(), stop) => {}
+        () = maintain(state) => {}
+    }
     info!("stopped; limits stay in force");
     Ok(())
 }
@@ -61,31 +66,59 @@ pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Error>
     })
 }
 
-/// Serves the local API on `socket` and ticks `state` once a second until `stop` resolves,
-/// then removes the socket.
-pub async fn serve(
-    socket: &Path,
-    state: Arc<Mutex<State>>,
-    stop: impl std::future::Future<Output = ()>,
-) -> Result<(), Error> {
-    let listener = bind(socket).await?;
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    info!(socket = %socket.display(), "serving");
-    tokio::pin!(stop);
+/// The daemon's periodic work, for a process that has nothing else to tick it with: calls
+/// [`State::tick`] once a second, forever.
+pub async fn maintain(state: Arc<Mutex<State>>) {
+    let mut ticker = tokio::time::interval(TICK);
     loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            _ = ticker.tick() => {
-                if let Ok(mut s) = state.lock() { s.tick() }
+        ticker.tick().await;
+        let state = state.clone();
+        // The tick reads every limited cgroup's maps: off the async threads.
+        let ticked = tokio::task::spawn_blocking(move || {
+            if let Ok(mut s) = state.lock() {
+                s.tick();
             }
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => { tokio::spawn(serve_one(stream, state.clone())); }
-                Err(e) => warn!(error = %e, "accept"),
-            },
+        });
+        if let Err(e) = ticked.await {
+            warn!(error = %e, "daemon tick");
         }
     }
-    let _ = std::fs::remove_file(socket);
-    Ok(())
+}
+
+/// How often the daemon's state wants [`State::tick`].
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// The local API's socket, bound: binding fails at once (another daemon serving it, no
+/// permission), serving then only ends when told to.
+pub struct Server {
+    listener: UnixListener,
+    socket: PathBuf,
+}
+
+impl Server {
+    /// Binds `socket` (mode 0600), replacing a stale one; refuses one another daemon serves.
+    pub async fn bind(socket: &Path) -> Result<Self, Error> {
+        Ok(Self {
+            listener: bind(socket).await?,
+            socket: socket.to_path_buf(),
+        })
+    }
+
+    /// Serves requests onto `state` until `stop` resolves, then removes the socket.
+    pub async fn serve(self, state: Arc<Mutex<State>>, stop: impl std::future::Future<Output = ()>) {
+        info!(socket = %self.socket.display(), "serving");
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => { tokio::spawn(serve_one(stream, state.clone())); }
+                    Err(e) => warn!(error = %e, "accept"),
+                },
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
 }
 
 async fn bind(path: &Path) -> Result<UnixListener, Error> {

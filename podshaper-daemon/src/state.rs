@@ -82,7 +82,8 @@ impl State {
         Ok(self.datapath.insert(datapath))
     }
 
-    /// Answers one request. Errors become `Response::Error`; a failed request changes nothing.
+    /// Answers one request of the local API: the socket server's one entry. Errors become
+    /// `Response::Error`; a failed request changes nothing.
     pub fn handle(&mut self, req: Request) -> Response {
         let result = match req {
             Request::Limit {
@@ -90,10 +91,14 @@ impl State {
                 egress,
                 ingress,
                 name,
-            } => self.limit(&cgroup, egress, ingress, name),
-            Request::Unlimit { cgroup } => self.unlimit(&cgroup),
-            Request::Status { cgroup } => self.status(cgroup.as_deref()),
-            Request::Reset => self.reset(),
+            } => self
+                .limit(&cgroup, egress, ingress, name)
+                .map(|status| Response::Ok { status }),
+            Request::Unlimit { cgroup } => self.unlimit(&cgroup).map(|()| Response::Ok { status: None }),
+            Request::Status { cgroup } => self
+                .status(cgroup.as_deref())
+                .map(|cgroups| Response::Status { cgroups }),
+            Request::Reset => self.reset().map(|()| Response::Ok { status: None }),
         };
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),
@@ -104,14 +109,17 @@ impl State {
         Ok(cgroup::resolve(user, &self.mount)?)
     }
 
+    /// Sets or changes the limits of the cgroup at `user` (absolute, or relative to the
+    /// cgroup v2 mount), live, and names it (the agent's namespace/pod). Returns its status,
+    /// none when both directions end up unlimited.
     #[instrument(skip_all, fields(cgroup = %user.display()))]
-    fn limit(
+    pub fn limit(
         &mut self,
         user: &Path,
         egress: Change,
         ingress: Change,
         name: Option<String>,
-    ) -> Result<Response, Error> {
+    ) -> Result<Option<CgroupStatus>, Error> {
         let cg = self.resolve(user)?;
         let current = match &self.datapath {
             Some(d) => d.state(cg.id)?.map(|s| s.limits).unwrap_or_default(),
@@ -128,7 +136,7 @@ impl State {
         };
         if limits.is_none() && self.datapath.is_none() {
             // Nothing is limited after a reset: no need to load anything to lift a limit.
-            return Ok(Response::Ok { status: None });
+            return Ok(None);
         }
         let datapath = self.datapath_mut()?;
         datapath.set(&cg, limits)?;
@@ -139,26 +147,27 @@ impl State {
             self.names.insert(cg.id, name);
         }
         info!(?limits, "limits set");
-        let status = status.map(|s| self.describe(&s));
-        Ok(Response::Ok { status })
+        Ok(status.map(|s| self.describe(&s)))
     }
 
+    /// Lifts both limits of a cgroup and detaches the programs from it.
     #[instrument(skip_all, fields(cgroup = %user.display()))]
-    fn unlimit(&mut self, user: &Path) -> Result<Response, Error> {
+    pub fn unlimit(&mut self, user: &Path) -> Result<(), Error> {
         let cg = self.resolve(user)?;
         if let Some(d) = self.datapath.as_mut() {
             d.remove(cg.id)?;
         }
         self.forget(cg.id);
         info!("limits removed");
-        Ok(Response::Ok { status: None })
+        Ok(())
     }
 
-    fn status(&mut self, only: Option<&Path>) -> Result<Response, Error> {
+    /// The limited cgroups (or only `only`), with their limits, rates and counters.
+    pub fn status(&self, only: Option<&Path>) -> Result<Vec<CgroupStatus>, Error> {
         let only = only.map(|p| self.resolve(p)).transpose()?;
         let mut cgroups = Vec::new();
         let Some(datapath) = &self.datapath else {
-            return Ok(Response::Status { cgroups });
+            return Ok(cgroups);
         };
         for id in datapath.limited()? {
             if only.as_ref().is_some_and(|c| c.id != id) {
@@ -168,10 +177,12 @@ impl State {
                 cgroups.push(self.describe(&s));
             }
         }
-        Ok(Response::Status { cgroups })
+        Ok(cgroups)
     }
 
-    fn reset(&mut self) -> Result<Response, Error> {
+    /// Lifts every limit and removes all pinned state; nothing stays loaded until the next
+    /// limit.
+    pub fn reset(&mut self) -> Result<(), Error> {
         // Unpin everything (links first, which detaches the programs), then close the loaded
         // programs and maps: nothing of ours stays in the kernel. The next limit loads and
         // pins afresh.
@@ -180,7 +191,7 @@ impl State {
         self.samples.clear();
         self.names.clear();
         info!("all limits and pinned state removed");
-        Ok(Response::Ok { status: None })
+        Ok(())
     }
 
     /// Samples the byte counters to compute the rates `status` shows, and removes the state

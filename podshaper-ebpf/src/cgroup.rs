@@ -75,9 +75,12 @@ pub fn resolve(user: &Path, mount: &Path) -> Result<CgroupDir, Error> {
             why: "'..' is not allowed".into(),
         });
     }
-    let meta = fs::metadata(&path).map_err(|e| Error::NotACgroup {
-        path: path.clone(),
-        why: e.to_string(),
+    let meta = fs::metadata(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NoSuchCgroup(path.clone()),
+        _ => Error::NotACgroup {
+            path: path.clone(),
+            why: e.to_string(),
+        },
     })?;
     if !meta.is_dir() {
         return Err(Error::NotACgroup {
@@ -205,7 +208,8 @@ mod tests {
     fn rejects_missing_and_non_cgroup_paths() {
         let tmp = std::env::temp_dir();
         let err = resolve(Path::new("/definitely/not/here"), &tmp).unwrap_err();
-        assert!(err.to_string().contains("not/here"), "{err}");
+        assert!(matches!(err, Error::NoSuchCgroup(_)), "{err:?}");
+        assert!(err.to_string().contains("not/here: no such cgroup"), "{err}");
         let err = resolve(Path::new("a/../b"), &tmp).unwrap_err();
         assert!(err.to_string().contains(".."), "{err}");
         // A plain directory outside cgroup2 is refused.

@@ -18,6 +18,8 @@ pub enum Error {
     NoCgroup2,
     #[error("{}: not a cgroup v2 directory: {why}", path.display())]
     NotACgroup { path: std::path::PathBuf, why: String },
+    #[error("{}: no such cgroup", .0.display())]
+    NoSuchCgroup(std::path::PathBuf),
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -738,3 +738,38 @@ fn a_tcp_flow_beside_udp_trickles_gets_the_limit_less_the_trickle() {
     assert!(lost < 10.0, "the trickles lost {lost:.1}% of their packets");
     assert_within("TCP beside 7 UDP trickles", tcp, 0.85, 1.1);
 }
+
+// The daemon's typed API tells a cgroup that is not there (worth retrying when it appears)
+// from every other refusal, which the agent reports instead of retrying quietly.
+#[test]
+fn the_daemon_tells_a_missing_cgroup_from_other_errors() {
+    use podshaper_api::{proto::Change, Rate};
+    let Some(_g) = privileged() else { return };
+    let root = Path::new("/sys/fs/bpf").join(format!("podshaper-typed-{}", std::process::id()));
+    let _pins = PinsGuard(root.clone());
+    let mut state = podshaper_daemon::State::open(&root, false, None).expect("open the daemon state");
+    let pod = Cgroup::new("typed").expect("cgroup");
+    let ten = Change::Set(Rate::from_bps(10 * M).expect("rate"));
+    let status = state
+        .limit(pod.path(), ten, Change::Keep, Some("ns/pod".into()))
+        .expect("limit")
+        .expect("a status");
+    assert_eq!(status.egress.limit.map(Rate::bps), Some(10 * M));
+
+    let gone = pod.path().with_file_name("no-such-cgroup");
+    let err = state
+        .limit(&gone, ten, Change::Keep, None)
+        .expect_err("missing cgroup");
+    assert!(err.is_no_such_cgroup(), "{err:?}");
+    let file = pod.path().join("cgroup.procs");
+    let err = state
+        .limit(&file, ten, Change::Keep, None)
+        .expect_err("a file is no cgroup");
+    assert!(!err.is_no_such_cgroup(), "{err:?}");
+
+    let all = state.status(None).expect("status");
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0].name.as_deref(), Some("ns/pod"));
+    state.reset().expect("reset");
+    assert!(state.status(None).expect("status").is_empty());
+}
