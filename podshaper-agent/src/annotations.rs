@@ -2,7 +2,7 @@
 //! CRI-O parse them (a Kubernetes quantity in bits/s, 1k to 1P), and the uninstall signal.
 use std::collections::BTreeMap;
 
-use podshaper_api::Rate;
+use podshaper_api::{Limits, Rate};
 
 /// Egress limit of a pod (what it sends), as the bandwidth CNI plugin reads it.
 pub const EGRESS: &str = "kubernetes.io/egress-bandwidth";
@@ -10,26 +10,6 @@ pub const EGRESS: &str = "kubernetes.io/egress-bandwidth";
 pub const INGRESS: &str = "kubernetes.io/ingress-bandwidth";
 /// Set on an agent's own pod by the chart's pre-delete hook: lift every limit on the node.
 pub const UNINSTALL: &str = "podshaper.io/uninstall";
-
-/// The limits a pod asks for; `None` is unlimited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Wanted {
-    pub egress: Option<Rate>,
-    pub ingress: Option<Rate>,
-}
-
-impl Wanted {
-    pub fn is_none(&self) -> bool {
-        self.egress.is_none() && self.ingress.is_none()
-    }
-}
-
-impl std::fmt::Display for Wanted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let show = |r: Option<Rate>| r.map(|r| format!("limited to {r}")).unwrap_or("unlimited".into());
-        write!(f, "egress {}, ingress {}", show(self.egress), show(self.ingress))
-    }
-}
 
 /// An annotation that is not a rate; the message says what is accepted.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -42,7 +22,7 @@ pub struct AnnotationError {
 /// What the annotations ask for, and the directions cut down to the agent's maximum.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Parsed {
-    pub wanted: Wanted,
+    pub wanted: Limits,
     /// One line per direction above `max`, for a warning Event.
     pub clamped: Vec<String>,
 }
@@ -118,7 +98,7 @@ mod tests {
     fn no_annotations_is_unlimited() {
         assert!(parse(None, None).unwrap().wanted.is_none());
         let a = annotations(&[("app", "web")]);
-        assert_eq!(parse(Some(&a), None).unwrap().wanted, Wanted::default());
+        assert_eq!(parse(Some(&a), None).unwrap().wanted, Limits::default());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! live. It runs the daemon in the same process (one container, one set of privileges, no
 //! socket hop) and still serves the daemon's socket, so `podshaper status` works on the node.
 pub mod annotations;
+mod decide;
 pub mod metrics;
 pub mod podcgroup;
 mod reconcile;

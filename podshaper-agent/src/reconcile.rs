@@ -7,7 +7,7 @@ use std::{
     os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
@@ -20,22 +20,17 @@ use kube::{
 };
 use podshaper_api::{
     proto::{CgroupStatus, Change},
-    Rate,
+    Limits, Rate,
 };
 use podshaper_daemon::State;
 use tracing::{debug, info, warn};
 
 use crate::{
-    annotations::{self, Wanted},
+    annotations,
+    decide::{self, Decision, Known, REPORT_MISSING_AFTER},
     metrics::{Metrics, PodLabels, PodSample},
     podcgroup::{self, Driver, Qos},
 };
-
-/// Failed lookups of a pod's cgroup before the agent says so in an Event. With the backoff
-/// below that is about 15 s: long enough for a starting pod's sandbox to appear.
-const REPORT_MISSING_AFTER: u32 = 5;
-const FIRST_RETRY: Duration = Duration::from_millis(500);
-const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// What the agent needs to know of a pod.
 #[derive(Clone, Debug)]
@@ -82,7 +77,7 @@ impl PodView {
 struct Tracked {
     pod: PodView,
     /// The cgroup and limits last applied (or found applied) for this pod.
-    applied: Option<(PathBuf, Wanted)>,
+    applied: Option<(PathBuf, Limits)>,
     /// The last problem reported in an Event, so a pod is not told the same thing twice.
     reported: Option<String>,
     /// The last "cut to the maximum" warning, kept apart: the limit is in force all the same.
@@ -302,62 +297,51 @@ impl Reconciler {
         });
     }
 
-    /// Brings one pod's limits in line with its annotations.
+    /// Brings one pod's limits in line with its annotations: gathers what is known, lets
+    /// `decide` choose, and carries it out.
     fn reconcile(&mut self, uid: &str) {
         if self.uninstalled {
             return;
         }
         let Some(t) = self.pods.get(uid) else { return };
         let pod = t.pod.clone();
-        let parsed = match annotations::parse(Some(&pod.annotations), self.settings.max_rate) {
-            Ok(p) => p,
-            Err(e) => {
-                // Nothing changes: not this pod's current limit, not any other pod.
-                let note = format!(
-                    "{e}. The limit in force (if any) is unchanged. Accepted: a Kubernetes quantity of bits/s from 1k to 1P, like 10M or 1.5G"
-                );
+        let parsed = annotations::parse(Some(&pod.annotations), self.settings.max_rate);
+        let decision = {
+            let known = Known {
+                parsed: &parsed,
+                applied: t.applied.as_ref().map(|(d, w)| (d.as_path(), *w, d.is_dir())),
+                had_problem: t.reported.is_some(),
+                finished: matches!(pod.phase.as_str(), "Succeeded" | "Failed"),
+            };
+            let (root, driver) = (&self.cgroup_root, self.settings.driver);
+            decide::decide(&known, || podcgroup::find(root, &pod.uid, pod.qos, driver))
+        };
+        match decision {
+            Decision::Nothing { clear_problem } => {
+                if clear_problem {
+                    self.clear_problem(uid);
+                }
+            }
+            Decision::ReportInvalid(note) => {
                 if self.report(uid, &pod.reference, "InvalidBandwidth", &note) {
                     self.metrics
                         .invalid_annotations
                         .get_or_create(&pod.labels())
                         .inc();
                 }
-                return;
             }
-        };
-        let wanted = parsed.wanted;
-        let t = self
-            .pods
-            .get(uid)
-            .map(|t| (t.applied.clone(), t.reported.is_some()));
-        let Some((applied, had_problem)) = t else { return };
-        if wanted.is_none() && applied.is_none() {
-            return self.clear_problem(uid);
-        }
-        // Unchanged and still there: nothing to do (status updates of the pod land here).
-        if let Some((dir, w)) = &applied {
-            if *w == wanted && dir.is_dir() && !had_problem {
-                return;
-            }
-        }
-        let dir = applied
-            .as_ref()
-            .map(|(d, _)| d.clone())
-            .filter(|d| d.is_dir())
-            .or_else(|| podcgroup::find(&self.cgroup_root, &pod.uid, pod.qos, self.settings.driver));
-        let Some(dir) = dir else {
-            // A finished pod's cgroup is gone for good: nothing to wait for.
-            let finished = matches!(pod.phase.as_str(), "Succeeded" | "Failed");
-            if wanted.is_none() || finished {
-                // Nothing to lift: the cgroup and its state are gone.
+            Decision::Forget => {
                 if let Some(t) = self.pods.get_mut(uid) {
                     t.applied = None;
                     t.retry_at = None;
                 }
-                return;
             }
-            return self.cgroup_missing(uid);
-        };
+            Decision::WaitForCgroup => self.cgroup_missing(uid),
+            Decision::Apply { dir, wanted, capped } => self.apply(uid, &pod, dir, wanted, capped),
+        }
+    }
+
+    fn apply(&mut self, uid: &str, pod: &PodView, dir: PathBuf, wanted: Limits, capped: Option<String>) {
         let before = self.limits_in_force(&dir);
         let change = |r: Option<Rate>| r.map(Change::Set).unwrap_or(Change::Unlimited);
         let result = self.daemon().limit(
@@ -368,30 +352,24 @@ impl Reconciler {
         );
         match result {
             Ok(_) => {
-                if let Some(t) = self.pods.get_mut(uid) {
-                    t.applied = (!wanted.is_none()).then(|| (dir.clone(), wanted));
-                    t.missing = 0;
-                    t.failures = 0;
-                    t.retry_at = None;
-                }
-                self.clear_problem(uid);
-                let capped = (!parsed.clamped.is_empty()).then(|| parsed.clamped.join("; "));
-                let new = self.pods.get_mut(uid).and_then(|t| {
-                    let changed = t.capped != capped;
-                    t.capped = capped.clone();
-                    capped.filter(|_| changed)
-                });
-                if let Some(note) = new {
-                    self.publish(&pod.reference, EventType::Warning, "BandwidthCapped", &note);
-                }
+                let Some(t) = self.pods.get_mut(uid) else { return };
+                t.applied = (!wanted.is_none()).then(|| (dir.clone(), wanted));
+                t.missing = 0;
+                t.failures = 0;
+                t.retry_at = None;
+                t.reported = None;
+                let (reports, capped) = decide::after_apply(wanted, before, capped, t.capped.as_deref());
+                t.capped = capped;
                 if before != wanted {
                     info!(pod = %pod.key(), cgroup = %dir.display(), %wanted, "limits applied");
-                    let reason = if wanted.is_none() {
-                        "BandwidthUnlimited"
+                }
+                for r in reports {
+                    let type_ = if r.warning {
+                        EventType::Warning
                     } else {
-                        "BandwidthLimited"
+                        EventType::Normal
                     };
-                    self.publish(&pod.reference, EventType::Normal, reason, &wanted.to_string());
+                    self.publish(&pod.reference, type_, r.reason, &r.note);
                 }
             }
             // The cgroup went between the lookup and the apply (a pod restarting its
@@ -418,11 +396,11 @@ impl Reconciler {
     }
 
     /// The limits the datapath has for `dir` now (none if it is not limited).
-    fn limits_in_force(&self, dir: &std::path::Path) -> Wanted {
+    fn limits_in_force(&self, dir: &std::path::Path) -> Limits {
         let status = self.daemon().status(Some(dir));
         status
             .ok()
-            .and_then(|cgroups| cgroups.first().map(wanted_of))
+            .and_then(|cgroups| cgroups.first().map(CgroupStatus::limits))
             .unwrap_or_default()
     }
 
@@ -447,9 +425,7 @@ impl Reconciler {
 
     fn schedule_retry(&mut self, uid: &str) {
         if let Some(t) = self.pods.get_mut(uid) {
-            let n = t.missing.max(t.failures).clamp(1, 16);
-            let delay = (FIRST_RETRY * 2u32.saturating_pow(n - 1)).min(MAX_RETRY);
-            t.retry_at = Some(Instant::now() + delay);
+            t.retry_at = Some(Instant::now() + decide::retry_delay(t.missing, t.failures));
         }
     }
 
@@ -524,8 +500,8 @@ impl Reconciler {
         // whole node, matched by cgroup id (the directory's inode), not a request per pod.
         if self.ticks.is_multiple_of(10) {
             let status = self.daemon().status(None);
-            let in_force: HashMap<u64, Wanted> = match status {
-                Ok(cgroups) => cgroups.iter().map(|c| (c.id, wanted_of(c))).collect(),
+            let in_force: HashMap<u64, Limits> = match status {
+                Ok(cgroups) => cgroups.iter().map(|c| (c.id, c.limits())).collect(),
                 Err(e) => {
                     warn!(error = %e, "read the limits in force");
                     HashMap::new()
@@ -537,7 +513,7 @@ impl Reconciler {
                 .filter(|(_, t)| {
                     t.applied.as_ref().is_some_and(|(dir, w)| {
                         let id = std::fs::metadata(dir).map(|m| m.ino()).ok();
-                        id.and_then(|id| in_force.get(&id)).copied().unwrap_or_default() != *w
+                        decide::drifted(*w, id.and_then(|id| in_force.get(&id)).copied())
                     })
                 })
                 .map(|(u, _)| u.clone())
@@ -575,12 +551,4 @@ fn sample(status: CgroupStatus) -> Option<PodSample> {
         pod,
         status,
     })
-}
-
-/// The limits a cgroup's status shows.
-fn wanted_of(status: &CgroupStatus) -> Wanted {
-    Wanted {
-        egress: status.egress.limit,
-        ingress: status.ingress.limit,
-    }
 }

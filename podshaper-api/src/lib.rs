@@ -1,6 +1,8 @@
-//! Types shared by the podshaper CLI, the daemon and (later) the Kubernetes agent: rates and
-//! the local API spoken over the daemon's Unix socket.
+//! Types shared by the podshaper CLI, the daemon, the Kubernetes agent and the test harness:
+//! rates, limits, and the local API spoken over the daemon's Unix socket.
+pub mod limits;
 pub mod proto;
 pub mod rate;
 
-pub use rate::{Rate, RateError};
+pub use limits::Limits;
+pub use rate::{human_bps, Rate, RateError};

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Rate;
+use crate::{Limits, Rate};
 
 /// Default path of the daemon's socket.
 pub const DEFAULT_SOCKET: &str = "/run/podshaper/podshaper.sock";
@@ -61,6 +61,16 @@ pub struct CgroupStatus {
     pub name: Option<String>,
     pub egress: DirectionStatus,
     pub ingress: DirectionStatus,
+}
+
+impl CgroupStatus {
+    /// The limits in force. The JSON keeps each limit beside its direction's counters.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            egress: self.egress.limit,
+            ingress: self.ingress.limit,
+        }
+    }
 }
 
 /// One direction of a [`CgroupStatus`].

@@ -111,6 +111,21 @@ impl fmt::Display for Rate {
     }
 }
 
+/// A measured rate in bits per second, written the way limits are, with at most three
+/// decimals and none that are zero: 9.87M, 2.5G, 10M, 999. The one formatter of the CLI's
+/// status, the demo and the benches; exact limits use [`Rate`]'s `Display`.
+pub fn human_bps(bps: f64) -> String {
+    let bps = bps.max(0.0);
+    for (div, unit) in [(1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")] {
+        // Rounded at three decimals first, so 999.9996k reads 1M, not 1000k.
+        if (bps / div * 1e3).round() >= 1e3 {
+            let s = format!("{:.3}", bps / div);
+            return format!("{}{unit}", s.trim_end_matches('0').trim_end_matches('.'));
+        }
+    }
+    format!("{}", bps.round() as u64)
+}
+
 // Kubernetes quantity grammar: <signed number><suffix>, suffix one of the binary SI (Ki..Ei),
 // decimal SI (n u m "" k M G T P E) or a decimal exponent (e3, E-2).
 fn parse_quantity_bits(s: &str) -> Result<f64, &'static str> {
@@ -269,5 +284,18 @@ mod tests {
             serde_json::from_str::<Rate>("10000000").unwrap().bps(),
             10_000_000
         );
+    }
+
+    #[test]
+    fn measured_rates_read_like_limits() {
+        assert_eq!(human_bps(10e6), "10M");
+        assert_eq!(human_bps(9.87e6), "9.87M");
+        assert_eq!(human_bps(9_870_123.0), "9.87M");
+        assert_eq!(human_bps(2.5e9), "2.5G");
+        assert_eq!(human_bps(40e9), "40G");
+        assert_eq!(human_bps(999.0), "999");
+        assert_eq!(human_bps(999_999.9), "1M");
+        assert_eq!(human_bps(0.0), "0");
+        assert_eq!(human_bps(-1.0), "0");
     }
 }

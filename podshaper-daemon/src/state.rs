@@ -125,10 +125,10 @@ impl State {
             Some(d) => d.state(cg.id)?.map(|s| s.limits).unwrap_or_default(),
             None => Limits::default(),
         };
-        let apply = |c: Change, cur: Option<u64>| match c {
+        let apply = |c: Change, cur: Option<Rate>| match c {
             Change::Keep => cur,
             Change::Unlimited => None,
-            Change::Set(r) => Some(r.bps()),
+            Change::Set(r) => Some(r),
         };
         let limits = Limits {
             egress: apply(egress, current.egress),
@@ -257,8 +257,8 @@ impl State {
 
     fn describe(&self, s: &CgroupState) -> CgroupStatus {
         let rates = self.samples.get(&s.id).map(|x| x.rate_bps).unwrap_or([0, 0]);
-        let dir = |d: usize, limit: Option<u64>| DirectionStatus {
-            limit: limit.and_then(|b| Rate::from_bps(b).ok()),
+        let dir = |d: usize, limit: Option<Rate>| DirectionStatus {
+            limit,
             rate_bps: rates[d],
             bytes: s.stats.bytes[d],
             packets: s.stats.packets[d],

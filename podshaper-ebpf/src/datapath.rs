@@ -11,6 +11,10 @@ use aya::{
     programs::{links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps},
     Ebpf, EbpfLoader,
 };
+use podshaper_api::{
+    rate::{MAX_BPS, MIN_BPS},
+    Limits, Rate,
+};
 use tracing::{debug, info, instrument};
 
 use crate::{
@@ -23,25 +27,14 @@ use crate::{
 static SOCK_OPS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_ops.bpf.o"));
 static CGROUP_SKB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cgroup_skb.bpf.o"));
 
-/// Limits of one cgroup in bits per second of L3 traffic; `None` is no limit.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Limits {
-    pub egress: Option<u64>,
-    pub ingress: Option<u64>,
-}
-
-impl Limits {
-    /// Whether neither direction is limited.
-    pub fn is_none(&self) -> bool {
-        self.egress.is_none() && self.ingress.is_none()
-    }
-
-    fn from_config(c: &Config) -> Self {
-        let opt = |v: u64| (v != 0).then_some(v);
-        Self {
-            egress: opt(c.rate[abi::EGRESS]),
-            ingress: opt(c.rate[abi::INGRESS]),
-        }
+/// The limits pinned in a cgroup's config (bits/s, 0 = none). Every value was a [`Rate`] when
+/// it was written; one out of its bounds (written by hand) reads as the nearest bound rather
+/// than as no limit.
+fn limits_of(c: &Config) -> Limits {
+    let opt = |v: u64| (v != 0).then(|| Rate::from_bps(v.clamp(MIN_BPS, MAX_BPS)).ok())?;
+    Limits {
+        egress: opt(c.rate[abi::EGRESS]),
+        ingress: opt(c.rate[abi::INGRESS]),
     }
 }
 
@@ -157,7 +150,7 @@ impl Datapath {
                 let mut buf = vec![0u8; size];
                 let read = sys::lookup(map.fd().as_fd(), id, &mut buf, sys::BPF_F_LOCK);
                 let head: Cgroup = sys::from_bytes(&buf[..abi::CGROUP_HEAD]);
-                let limits = Limits::from_config(&head.config);
+                let limits = limits_of(&head.config);
                 // A cgroup removed while no daemon ran has no storage left: just unpin.
                 if let (Ok(()), Some(path)) = (read, cgroup::path_of(&self.mount, id)?) {
                     if !limits.is_none() {
@@ -208,7 +201,8 @@ impl Datapath {
             self.zero_stats(cg.id)?;
             Cgroup::default()
         };
-        value.config.rate = [limits.egress.unwrap_or(0), limits.ingress.unwrap_or(0)];
+        let (egress, ingress) = limits.bps();
+        value.config.rate = [egress.unwrap_or(0), ingress.unwrap_or(0)];
         value.config.generation = value.config.generation.wrapping_add(1);
         sys::update(
             self.cgroups.fd().as_fd(),
@@ -366,7 +360,7 @@ impl Datapath {
         }
         Ok(Some(CgroupState {
             id,
-            limits: Limits::from_config(&value.config),
+            limits: limits_of(&value.config),
             stats,
             flows: [value.dir[0].active_flows(), value.dir[1].active_flows()],
         }))

@@ -9,7 +9,8 @@ mod datapath;
 pub mod pins;
 mod sys;
 
-pub use datapath::{reset, CgroupState, Datapath, Limits};
+pub use datapath::{reset, CgroupState, Datapath};
+pub use podshaper_api::Limits;
 
 /// Errors of the datapath.
 #[derive(Debug, thiserror::Error)]

@@ -26,7 +26,10 @@ use kube::{
     Api, Client, Config, ResourceExt,
 };
 
-use podshaper_api::proto::{CgroupStatus, Request, Response};
+use podshaper_api::{
+    proto::{CgroupStatus, Request, Response},
+    Limits,
+};
 
 use crate::{unique_name, Cgroup};
 
@@ -707,14 +710,14 @@ impl AgentProcess {
         }
     }
 
-    /// The limits (egress, ingress) in force for pod `namespace/name`; `None` if unlimited.
-    pub fn limits(&self, namespace: &str, name: &str) -> Result<Option<(Option<u64>, Option<u64>)>> {
+    /// The limits in force for pod `namespace/name`; `None` if it is not limited.
+    pub fn limits(&self, namespace: &str, name: &str) -> Result<Option<Limits>> {
         let key = format!("{namespace}/{name}");
         Ok(self
             .status()?
             .into_iter()
             .find(|c| c.name.as_deref() == Some(key.as_str()))
-            .map(|c| (c.egress.limit.map(|r| r.bps()), c.ingress.limit.map(|r| r.bps()))))
+            .map(|c| c.limits()))
     }
 
     /// Waits until pod `namespace/name` has `want`; returns how long that took.
@@ -722,7 +725,7 @@ impl AgentProcess {
         &self,
         namespace: &str,
         name: &str,
-        want: Option<(Option<u64>, Option<u64>)>,
+        want: Option<Limits>,
         within: Duration,
     ) -> Result<Duration> {
         let start = Instant::now();

@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use podshaper_api::{
+    human_bps,
     proto::{CgroupStatus, Change, Request, Response, DEFAULT_SOCKET},
     Rate,
 };
@@ -298,17 +299,6 @@ fn check(resp: Response) -> Result<Response> {
     }
 }
 
-/// Formats bits per second like the limits are written: 9.87M.
-pub fn human_bps(bps: u64) -> String {
-    let b = bps as f64;
-    for (div, unit) in [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")] {
-        if b >= div {
-            return format!("{:.3}{unit}", b / div).replace(".000", "");
-        }
-    }
-    format!("{bps}")
-}
-
 fn print_table(rows: &[CgroupStatus]) {
     let lim = |r: &Option<Rate>| r.map(|r| r.to_string()).unwrap_or_else(|| "-".into());
     println!(
@@ -328,9 +318,9 @@ fn print_table(rows: &[CgroupStatus]) {
             "{:<44} {:>9} {:>10} {:>9} {:>10} {:>12} {:>12} {:>11} {:>11}",
             r.name.clone().unwrap_or_else(|| r.cgroup.display().to_string()),
             lim(&r.egress.limit),
-            human_bps(r.egress.rate_bps),
+            human_bps(r.egress.rate_bps as f64),
             lim(&r.ingress.limit),
-            human_bps(r.ingress.rate_bps),
+            human_bps(r.ingress.rate_bps as f64),
             r.egress.bytes,
             r.ingress.bytes,
             format!("{}/{}", r.egress.drops, r.ingress.drops),
@@ -386,12 +376,5 @@ mod tests {
             describe(&e),
             "load the datapath: open map: Operation not permitted"
         );
-    }
-
-    #[test]
-    fn human_rates() {
-        assert_eq!(human_bps(10_000_000), "10M");
-        assert_eq!(human_bps(9_870_000), "9.870M");
-        assert_eq!(human_bps(999), "999");
     }
 }

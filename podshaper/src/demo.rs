@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use podshaper_api::{
+    human_bps,
     proto::{Change, Request, Response},
     Rate,
 };
@@ -22,8 +23,6 @@ use podshaper_daemon::State;
 use podshaper_lab::{
     run_client, Cgroup, ClientOptions, IperfReport, IperfServer, NetnsPair, ServerOptions, Table, Traffic, L3,
 };
-
-use crate::cli::human_bps;
 
 /// Options of the demo.
 #[derive(clap::Args, Debug)]
@@ -172,7 +171,7 @@ pub fn run(args: Args) -> Result<()> {
         table.push([
             p.name.to_string(),
             p.limit.clone(),
-            human_bps(l3 as u64),
+            human_bps(l3),
             p.report
                 .retransmits
                 .map(|r| r.to_string())
@@ -230,7 +229,7 @@ fn chart(r: &IperfReport, rows: usize) -> String {
     for row in (0..rows).rev() {
         let threshold = max * (row as f64 + 0.5) / rows as f64;
         let label = if row == rows - 1 {
-            human_bps(max as u64)
+            human_bps(max)
         } else {
             String::new()
         };

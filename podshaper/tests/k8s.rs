@@ -22,6 +22,7 @@ use std::{
 };
 
 use kube::Api;
+use podshaper_api::Limits;
 use podshaper_testbed::{
     k8s::{AgentProcess, CgroupDriver, Cluster, Kubelet, QosClass, RunningPod},
     run_client, unique_name, ClientOptions, IperfServer, NetnsPair, ServerOptions, Traffic, L3,
@@ -88,17 +89,17 @@ fn kubelet(cluster: &Cluster, driver: CgroupDriver, prefix: &str) -> Kubelet {
 }
 
 /// Asserts that pod `name` of NS gets `want` within `within`; returns how long it took.
-fn wait_limits(
-    agent: &AgentProcess,
-    name: &str,
-    want: Option<(Option<u64>, Option<u64>)>,
-    within: Duration,
-) -> Duration {
+fn wait_limits(agent: &AgentProcess, name: &str, want: Option<Limits>, within: Duration) -> Duration {
     agent.wait_limits(NS, name, want, within).unwrap()
 }
 
-fn limits(agent: &AgentProcess, name: &str) -> Option<(Option<u64>, Option<u64>)> {
+fn limits(agent: &AgentProcess, name: &str) -> Option<Limits> {
     agent.limits(NS, name).unwrap()
+}
+
+/// Limits of egress and ingress in bits/s, as the agent reports them for a limited pod.
+fn lim(egress: Option<u64>, ingress: Option<u64>) -> Option<Limits> {
+    Some(Limits::from_bps(egress, ingress).unwrap())
 }
 
 /// iperf3 from the pod (namespace A, in its cgroup) to B for `secs`; the L3 rate after the
@@ -146,7 +147,7 @@ async fn annotations_limit_a_pod_live_and_everything_goes_with_it() {
         .run_pod(NS, "web", QosClass::Burstable, &[(EGRESS, "20M")], "198.18.0.1")
         .await
         .unwrap();
-    wait_limits(&agent, "web", Some((Some(20 * M), None)), Duration::from_secs(5));
+    wait_limits(&agent, "web", lim(Some(20 * M), None), Duration::from_secs(5));
     assert_near("egress 20M", pod_rate(&pair, &pod, 4, false), 20 * M);
     let note = cluster
         .wait_event(NS, "web", "BandwidthLimited", Duration::from_secs(5))
@@ -162,7 +163,7 @@ async fn annotations_limit_a_pod_live_and_everything_goes_with_it() {
     let took = wait_limits(
         &agent,
         "web",
-        Some((Some(50 * M), Some(30 * M))),
+        lim(Some(50 * M), Some(30 * M)),
         Duration::from_secs(1),
     );
     // The change is its own Event, with its own note (not a repeat of the first one).
@@ -207,7 +208,7 @@ async fn annotations_limit_a_pod_live_and_everything_goes_with_it() {
         .annotate(NS, "web", &[(EGRESS, Some("10M"))])
         .await
         .unwrap();
-    wait_limits(&agent, "web", Some((Some(10 * M), None)), Duration::from_secs(2));
+    wait_limits(&agent, "web", lim(Some(10 * M), None), Duration::from_secs(2));
     let links = podshaper_ebpf::pins::Pins::new(agent.bpffs()).links();
     assert_eq!(
         std::fs::read_dir(&links).unwrap().count(),
@@ -221,7 +222,7 @@ async fn annotations_limit_a_pod_live_and_everything_goes_with_it() {
         .await
         .unwrap();
     thread::sleep(Duration::from_millis(1500));
-    assert_eq!(limits(&agent, "web"), Some((Some(10 * M), None)), "terminating");
+    assert_eq!(limits(&agent, "web"), lim(Some(10 * M), None), "terminating");
     pods.delete("web", &kube::api::DeleteParams::default().grace_period(0))
         .await
         .unwrap();
@@ -257,8 +258,8 @@ async fn a_malformed_annotation_changes_nothing_and_says_why() {
         .run_pod(NS, "b", QosClass::BestEffort, &[(INGRESS, "20M")], "198.18.10.2")
         .await
         .unwrap();
-    wait_limits(&agent, "a", Some((Some(10 * M), None)), Duration::from_secs(5));
-    wait_limits(&agent, "b", Some((None, Some(20 * M))), Duration::from_secs(5));
+    wait_limits(&agent, "a", lim(Some(10 * M), None), Duration::from_secs(5));
+    wait_limits(&agent, "b", lim(None, Some(20 * M)), Duration::from_secs(5));
 
     kubelet
         .annotate(NS, "a", &[(EGRESS, Some("10Zbit"))])
@@ -271,12 +272,12 @@ async fn a_malformed_annotation_changes_nothing_and_says_why() {
     assert!(note.contains("10Zbit") && note.contains("Accepted"), "{note}");
     assert_eq!(
         limits(&agent, "a"),
-        Some((Some(10 * M), None)),
+        lim(Some(10 * M), None),
         "a's limit must stay"
     );
     assert_eq!(
         limits(&agent, "b"),
-        Some((None, Some(20 * M))),
+        lim(None, Some(20 * M)),
         "b must not be touched"
     );
     let m = agent.metrics().unwrap();
@@ -285,14 +286,14 @@ async fn a_malformed_annotation_changes_nothing_and_says_why() {
 
     // Fixed, it applies again.
     kubelet.annotate(NS, "a", &[(EGRESS, Some("15M"))]).await.unwrap();
-    wait_limits(&agent, "a", Some((Some(15 * M), None)), Duration::from_secs(2));
+    wait_limits(&agent, "a", lim(Some(15 * M), None), Duration::from_secs(2));
 
     // Above the agent's maximum: cut to it, said once (not again on unrelated updates).
     kubelet.annotate(NS, "a", &[(INGRESS, Some("2G"))]).await.unwrap();
     wait_limits(
         &agent,
         "a",
-        Some((Some(15 * M), Some(1000 * M))),
+        lim(Some(15 * M), Some(1000 * M)),
         Duration::from_secs(2),
     );
     let note = cluster
@@ -329,7 +330,7 @@ async fn a_malformed_annotation_changes_nothing_and_says_why() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(limits(&agent, "b"), None);
-    wait_limits(&agent, "b", Some((None, Some(20 * M))), Duration::from_secs(15));
+    wait_limits(&agent, "b", lim(None, Some(20 * M)), Duration::from_secs(15));
 
     // A pod whose cgroup never shows up: retried, then an Event; nobody else is touched.
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(cluster.admin.clone(), NS);
@@ -347,7 +348,7 @@ async fn a_malformed_annotation_changes_nothing_and_says_why() {
         .await
         .unwrap();
     assert!(note.contains("cgroup"), "{note}");
-    assert_eq!(limits(&agent, "b"), Some((None, Some(20 * M))));
+    assert_eq!(limits(&agent, "b"), lim(None, Some(20 * M)));
     pods.delete("ghost", &kube::api::DeleteParams::default().grace_period(0))
         .await
         .unwrap();
@@ -372,12 +373,7 @@ async fn the_limit_never_lapses_while_the_agent_restarts() {
         )
         .await
         .unwrap();
-    wait_limits(
-        &agent,
-        "steady",
-        Some((Some(20 * M), None)),
-        Duration::from_secs(5),
-    );
+    wait_limits(&agent, "steady", lim(Some(20 * M), None), Duration::from_secs(5));
 
     let _server = IperfServer::start(pair.b(), None, &ServerOptions::default()).unwrap();
     let opts = ClientOptions {
@@ -410,12 +406,7 @@ async fn the_limit_never_lapses_while_the_agent_restarts() {
         L3::TCP_V4.l3_bps(report.mean_after_bps(1.0).unwrap()),
         20 * M,
     );
-    wait_limits(
-        &agent,
-        "steady",
-        Some((Some(20 * M), None)),
-        Duration::from_secs(2),
-    );
+    wait_limits(&agent, "steady", lim(Some(20 * M), None), Duration::from_secs(2));
 
     // The annotation removed while no agent runs: the next agent lifts the limit.
     agent.kill();
@@ -430,12 +421,7 @@ async fn the_limit_never_lapses_while_the_agent_restarts() {
         .annotate(NS, "steady", &[(EGRESS, Some("20M"))])
         .await
         .unwrap();
-    wait_limits(
-        &agent,
-        "steady",
-        Some((Some(20 * M), None)),
-        Duration::from_secs(2),
-    );
+    wait_limits(&agent, "steady", lim(Some(20 * M), None), Duration::from_secs(2));
 
     // A pod deleted while no agent runs: the next agent's first list does not have it, so its
     // limit goes even though its cgroup is still there.
@@ -577,7 +563,7 @@ async fn the_uninstall_hook_lifts_every_limit() {
     wait_limits(
         &agent,
         "limited",
-        Some((Some(10 * M), Some(10 * M))),
+        lim(Some(10 * M), Some(10 * M)),
         Duration::from_secs(5),
     );
 
@@ -622,7 +608,7 @@ async fn the_uninstall_hook_lifts_every_limit() {
     wait_limits(
         &agent,
         "limited",
-        Some((Some(10 * M), Some(10 * M))),
+        lim(Some(10 * M), Some(10 * M)),
         Duration::from_secs(5),
     );
     assert!(agent.ready());

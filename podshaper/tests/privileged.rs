@@ -32,6 +32,11 @@ fn privileged() -> Option<MutexGuard<'static, ()>> {
 
 const M: u64 = 1_000_000;
 
+/// Limits from bits/s.
+fn lim(egress: Option<u64>, ingress: Option<u64>) -> Limits {
+    Limits::from_bps(egress, ingress).expect("rates within 1k..1P")
+}
+
 struct Lab {
     pair: NetnsPair,
     pod: Cgroup,
@@ -49,7 +54,20 @@ impl Lab {
 
     fn limit(&mut self, egress: Option<u64>, ingress: Option<u64>) {
         let dir = self.pod.dir().expect("cgroup dir");
-        self.dp.set(&dir, Limits { egress, ingress }).expect("set limits");
+        self.dp.set(&dir, lim(egress, ingress)).expect("set limits");
+    }
+
+    /// Asserts that podshaper's sock_ops program set a pacing rate on the pod's sockets.
+    fn assert_paced(&self) {
+        let s = self
+            .dp
+            .state(self.pod.id())
+            .expect("state")
+            .expect("cgroup is limited");
+        assert!(
+            s.stats.adjusts[EGRESS] > 0,
+            "sock_ops never set a pacing rate: {s:?}"
+        );
     }
 
     fn iperf(&self, to: IpAddr, traffic: Traffic, flows: u32, secs: u32, reverse: bool) -> IperfReport {
@@ -115,15 +133,7 @@ fn egress_tcp_is_held_to_the_limit_for_one_and_many_flows() {
             1.15,
         );
     }
-    let s = lab
-        .dp
-        .state(lab.pod.id())
-        .expect("state")
-        .expect("cgroup is limited");
-    assert!(
-        s.stats.adjusts[EGRESS] > 0,
-        "sock_ops never set a pacing rate: {s:?}"
-    );
+    lab.assert_paced();
 }
 
 // A limit in one direction must not throttle the other through its ACKs: a pod uploading at
@@ -235,25 +245,11 @@ fn limit_changes_apply_live_to_established_flows() {
     let Some(_g) = privileged() else { return };
     let Lab { pair, pod, mut dp } = Lab::new("live");
     let dir = pod.dir().expect("cgroup dir");
-    dp.set(
-        &dir,
-        Limits {
-            egress: Some(20 * M),
-            ingress: None,
-        },
-    )
-    .expect("set 20M");
+    dp.set(&dir, lim(Some(20 * M), None)).expect("set 20M");
     let r = thread::scope(|s| {
         let traffic = s.spawn(|| iperf(&pair, &pod, b_v4(), tcp(), 2, 6, false));
         thread::sleep(Duration::from_secs(3));
-        dp.set(
-            &dir,
-            Limits {
-                egress: Some(60 * M),
-                ingress: None,
-            },
-        )
-        .expect("change to 60M");
+        dp.set(&dir, lim(Some(60 * M), None)).expect("change to 60M");
         traffic.join().expect("traffic thread")
     });
     let mean = |from: f64, to: f64| {
@@ -337,13 +333,7 @@ fn remove_and_reset_leave_no_programs_links_or_pins() {
     let other = Cgroup::new("cleanup-other").expect("cgroup");
     lab.limit(Some(10 * M), Some(10 * M));
     lab.dp
-        .set(
-            &other.dir().expect("dir"),
-            Limits {
-                egress: Some(5 * M),
-                ingress: None,
-            },
-        )
+        .set(&other.dir().expect("dir"), lim(Some(5 * M), None))
         .expect("limit other");
     assert_eq!(
         attached_programs(lab.pod.path()),
@@ -381,13 +371,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         podshaper_ebpf::cgroup::resolve(Path::new("/no/such/cgroup"), &mount).expect_err("missing cgroup");
     assert!(err.to_string().contains("/no/such/cgroup"), "{err}");
     let s = lab.dp.state(lab.pod.id()).expect("state").expect("still limited");
-    assert_eq!(
-        s.limits,
-        Limits {
-            egress: Some(10 * M),
-            ingress: None
-        }
-    );
+    assert_eq!(s.limits, lim(Some(10 * M), None));
     assert_eq!(lab.dp.limited().expect("list"), vec![lab.pod.id()]);
 }
 
@@ -397,14 +381,8 @@ fn removed_cgroups_are_collected() {
     let mut dp = TempDatapath::load("gc").expect("load datapath");
     let cg = Cgroup::new("gc").expect("cgroup");
     let id = cg.id();
-    dp.set(
-        &cg.dir().expect("dir"),
-        Limits {
-            egress: Some(10 * M),
-            ingress: None,
-        },
-    )
-    .expect("limit");
+    dp.set(&cg.dir().expect("dir"), lim(Some(10 * M), None))
+        .expect("limit");
     drop(cg);
     let mount = podshaper_ebpf::cgroup::cgroup2_mount().expect("mount");
     assert_eq!(dp.collect_garbage(&mount).expect("gc"), vec![id]);
@@ -419,10 +397,7 @@ fn pins_of_an_older_abi_version_are_migrated_and_newer_ones_refused() {
     // An older daemon's state: the migration reads only the frozen head of each value.
     let mut old = TempDatapath::load_version("abi", ours - 1).expect("load older datapath");
     let cg = Cgroup::new("abi").expect("cgroup");
-    let limits = Limits {
-        egress: Some(10 * M),
-        ingress: Some(20 * M),
-    };
+    let limits = lim(Some(10 * M), Some(20 * M));
     old.set(&cg.dir().expect("dir"), limits).expect("limit");
     assert_eq!(attached_programs(cg.path()), 3);
 
@@ -671,15 +646,7 @@ fn another_sock_ops_program_keeps_the_callbacks_it_asked_for() {
     let probe = podshaper_testbed::probe::CallbackProbe::attach(child.path()).expect("attach probe");
     let r = iperf(&lab.pair, &child, b_v4(), tcp(), 2, 1, false);
     assert!(r.mean_after_bps(0.0).is_some(), "no traffic: {r:?}");
-    let s = lab
-        .dp
-        .state(lab.pod.id())
-        .expect("state")
-        .expect("cgroup is limited");
-    assert!(
-        s.stats.adjusts[EGRESS] > 0,
-        "podshaper's sock_ops never ran: {s:?}"
-    );
+    lab.assert_paced();
     // iperf3 opened a control and two data connections, all closed when it returned; the
     // last close may still be on its way through the FIN handshake.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use podshaper_api::Limits;
 use podshaper_testbed::{
     k8s::{AgentProcess, CgroupDriver, Cluster, QosClass, RunningPod},
     Table,
@@ -122,7 +123,12 @@ async fn measure(
             .run_pod(NS, "probe", QosClass::Burstable, &[(EGRESS, "10M")], "198.18.9.1")
             .await?,
     );
-    agent.wait_limits(NS, "probe", Some((Some(10 * M), None)), Duration::from_secs(10))?;
+    agent.wait_limits(
+        NS,
+        "probe",
+        Some(Limits::from_bps(Some(10 * M), None)?),
+        Duration::from_secs(10),
+    )?;
     let mut took = Vec::new();
     for i in 0..args.changes {
         let rate = u64::from(11 + i % 80);
@@ -130,7 +136,12 @@ async fn measure(
         kubelet
             .annotate(NS, "probe", &[(EGRESS, Some(&format!("{rate}M")))])
             .await?;
-        agent.wait_limits(NS, "probe", Some((Some(rate * M), None)), Duration::from_secs(10))?;
+        agent.wait_limits(
+            NS,
+            "probe",
+            Some(Limits::from_bps(Some(rate * M), None)?),
+            Duration::from_secs(10),
+        )?;
         took.push(t0.elapsed());
     }
     took.sort();

@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use podshaper_api::human_bps;
 use podshaper_ebpf::Limits;
 use podshaper_testbed::{
     bpf_stats::{self, ProgStats},
@@ -110,7 +111,7 @@ impl Case {
             self.proto(),
             self.cc.unwrap_or("-"),
             self.flows,
-            rate(self.target as f64)
+            human_bps(self.target as f64)
         )
     }
 }
@@ -230,7 +231,7 @@ fn run(args: Args) -> Result<()> {
     if let Some(t) = &overhead {
         println!(
             "Overhead: TCP cubic, limit {} both ways vs no program, median of {OVERHEAD_RUNS} runs\n",
-            rate(HIGH_LIMIT as f64)
+            human_bps(HIGH_LIMIT as f64)
         );
         println!("{}", t.to_text());
     }
@@ -344,14 +345,8 @@ fn run_case(
             let Some(dp) = datapath else {
                 bail!("datapath not loaded")
             };
-            dp.set(
-                &cg.dir()?,
-                Limits {
-                    egress: limit,
-                    ingress: limit,
-                },
-            )
-            .context("set limits")?;
+            dp.set(&cg.dir()?, Limits::from_bps(limit, limit)?)
+                .context("set limits")?;
             let report = measure(pair, &cg, &client, case.dir);
             let note = match dp.state(cg.id()) {
                 Ok(Some(s)) => {
@@ -407,7 +402,7 @@ fn row_head(case: &Case) -> Vec<String> {
         case.proto().into(),
         case.cc.unwrap_or("-").into(),
         case.flows.to_string(),
-        rate(case.target as f64),
+        human_bps(case.target as f64),
     ]
 }
 
@@ -484,10 +479,7 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
                 pacing: Some(BASELINE_PACING),
                 ..ClientOptions::new(NetnsPair::B_V4.into())
             };
-            let limits = Limits {
-                egress: Some(HIGH_LIMIT),
-                ingress: Some(HIGH_LIMIT),
-            };
+            let limits = Limits::from_bps(Some(HIGH_LIMIT), Some(HIGH_LIMIT))?;
             // Alternating runs, median of each: a shared machine drifts by tens of percent.
             let (mut base, mut shaped) = (Vec::new(), Vec::new());
             for _ in 0..OVERHEAD_RUNS {
@@ -596,19 +588,6 @@ fn ns_per_run(before: &[ProgStats], after: &[ProgStats], name: &str) -> String {
     a.ns_per_run_since(&b).map_or("-".into(), |ns| {
         format!("{ns:.0} ({} runs)", a.run_cnt - b.run_cnt)
     })
-}
-
-/// "10M", "1G", "2.5G": decimal bits per second as Kubernetes writes them.
-fn rate(bps: f64) -> String {
-    let (v, unit) = if bps >= G as f64 {
-        (bps / G as f64, "G")
-    } else if bps >= M as f64 {
-        (bps / M as f64, "M")
-    } else {
-        (bps / 1e3, "k")
-    };
-    let s = format!("{v:.1}");
-    format!("{}{unit}", s.trim_end_matches(".0"))
 }
 
 /// Where and when the bench ran.
@@ -763,8 +742,8 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
              root, which runs for the same sockets while an ingress limit exists), and the \
              programs' CPU share their summed run time over the busy CPU time of the same run; \
              both come from a separate run because timing every run costs too.\n",
-            rate(HIGH_LIMIT as f64),
-            rate(BASELINE_PACING as f64)
+            human_bps(HIGH_LIMIT as f64),
+            human_bps(BASELINE_PACING as f64)
         )?;
         writeln!(md, "{}", t.to_markdown())?;
     }
@@ -774,14 +753,6 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rates_read_like_annotations() {
-        assert_eq!(rate(10e6), "10M");
-        assert_eq!(rate(1e9), "1G");
-        assert_eq!(rate(2.5e9), "2.5G");
-        assert_eq!(rate(40e9), "40G");
-    }
 
     #[test]
     fn matrix_sizes() {
