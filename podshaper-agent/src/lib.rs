@@ -41,6 +41,10 @@ pub struct Options {
 /// Runs the agent until SIGTERM or SIGINT. Limits stay in force when it stops, unless the
 /// uninstall hook asked it to lift them.
 pub async fn run(opts: Options) -> Result<()> {
+    // The local API, for `podshaper status` on the node. Bound before anything else: a
+    // second agent or daemon serving it would fight this one over the limits, and must not
+    // touch the pinned state first.
+    let server = podshaper_daemon::Server::bind(&opts.daemon.socket).await?;
     let state = opts.daemon.open().context("open the datapath")?;
     let client = Client::try_default()
         .await
@@ -51,9 +55,6 @@ pub async fn run(opts: Options) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    // The local API, for `podshaper status` on the node. Bound before anything else: a
-    // second agent or daemon serving it would fight this one over the limits.
-    let server = podshaper_daemon::Server::bind(&opts.daemon.socket).await?;
     let server = tokio::spawn(server.serve(state.clone(), stopped(stop_rx.clone())));
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
         .await

@@ -43,8 +43,10 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
 /// Runs the daemon until SIGTERM or SIGINT: serves the socket and ticks the state. Limits stay
 /// in force after it returns.
 pub async fn run(opts: Options) -> Result<(), Error> {
-    let state = opts.open()?;
+    // Bound first: a second daemon must not touch the pinned state before it learns the
+    // socket is served.
     let server = Server::bind(&opts.socket).await?;
+    let state = opts.open()?;
     let stop = shutdown_signal()?;
     tokio::select! {
         () = server.serve(state.clone(), stop) => {}

@@ -138,8 +138,19 @@ impl State {
             // Nothing is limited after a reset: no need to load anything to lift a limit.
             return Ok(None);
         }
+        let fresh = self.datapath.is_none();
         let datapath = self.datapath_mut()?;
-        datapath.set(&cg, limits)?;
+        if let Err(e) = datapath.set(&cg, limits) {
+            if fresh {
+                // Loaded for this request only: leave nothing pinned, as before it.
+                self.datapath = None;
+                if let Err(e) = podshaper_ebpf::reset(&self.root) {
+                    warn!(error = %e, "remove the state loaded for a failed limit");
+                }
+            }
+            return Err(e.into());
+        }
+        let datapath = self.datapath_mut()?;
         let status = datapath.state(cg.id)?;
         if limits.is_none() {
             self.forget(cg.id);
@@ -186,10 +197,12 @@ impl State {
         // Unpin everything (links first, which detaches the programs), then close the loaded
         // programs and maps: nothing of ours stays in the kernel. The next limit loads and
         // pins afresh.
-        podshaper_ebpf::reset(&self.root)?;
+        // The datapath goes first, whatever the unpinning does: if it fails half way, the next
+        // limit loads and adopts what is left, rather than writing to maps no longer pinned.
         self.datapath = None;
         self.samples.clear();
         self.names.clear();
+        podshaper_ebpf::reset(&self.root)?;
         info!("all limits and pinned state removed");
         Ok(())
     }

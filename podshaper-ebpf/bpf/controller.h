@@ -212,7 +212,7 @@ static __always_inline __u64 ps_min(__u64 a, __u64 b)
 static __always_inline __u64 ps_depth(const struct ps_dir_state *d, __u64 rate)
 {
 	return ps_max(rate / PS_DEPTH_PER_SEC, PS_DEPTH_MIN) +
-	       ps_min(PS_IW_BYTES * ps_flows_active(d), rate / PS_IW_ALLOWANCE_PER_SEC);
+	       ps_min((__u64)PS_IW_BYTES * ps_flows_active(d), rate / PS_IW_ALLOWANCE_PER_SEC);
 }
 
 // The bucket's cap before the flows are known: 5 ms at the limit, at least 3 full packets.
@@ -231,7 +231,7 @@ static __always_inline __u64 ps_bucket_cap(const struct ps_dir_state *d, __u64 r
 }
 
 // New limits: both directions' controllers restart at the equal split and the bucket refills
-// to its cap at the next packet (ps_refill). The flow window is kept.
+// to ps_bucket_base() at the next packet (ps_refill). The flow window is kept.
 static __always_inline void ps_restart(struct ps_dir_state *d)
 {
 	d->share = 0;

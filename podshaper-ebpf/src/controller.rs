@@ -250,15 +250,17 @@ fn a_limit_change_restarts_from_a_full_bucket() {
         refill_ns: SEC,
         share: 12_345,
         gain: 3000,
-        flows: [2, 3, 0, 0],
+        flows: [2, 300, 0, 0],
         ..DirState::default()
     };
     restart(&mut d);
     assert_eq!((d.gain, d.share), (0, 0));
     refill(&mut d, rate, 2 * SEC);
+    // 5 ms of the limit, the base: the 2 packets per flow of the cap are above it here.
+    assert!(bucket_cap(&d, rate) > rate / 200);
     assert_eq!(d.tokens, (rate / 200) as i64);
     assert_eq!(d.epoch_start_ns, 2 * SEC);
-    assert_eq!(d.flows, [2, 3, 0, 0], "the flow window is kept");
+    assert_eq!(d.flows, [2, 300, 0, 0], "the flow window is kept");
 }
 
 #[test]

@@ -98,18 +98,18 @@ impl Pins {
     /// outside bpffs is refused. Returns the older ABI versions pinned beside, oldest first,
     /// for the caller to migrate; refuses state pinned by a newer version.
     pub fn prepare(&self) -> Result<Vec<u32>, Error> {
-        let standard = Path::new(BPFFS_MOUNT);
-        if self.root.starts_with(standard) {
-            ensure_bpffs(standard)?;
-        }
-        // The deepest directory that exists tells the file system the root will be made on.
-        let existing = self
-            .root
-            .ancestors()
-            .find(|p| p.is_dir())
-            .unwrap_or(Path::new("/"));
-        if !is_bpffs(existing) {
-            return Err(Error::NotBpffs(self.root.clone()));
+        let root = std::path::absolute(&self.root).map_err(|source| io_err("resolve", &self.root, source))?;
+        // The deepest directory that exists tells the file system the root will be made on
+        // (a container may have bpffs mounted at the root itself, and no right to mount).
+        let on_bpffs = |root: &Path| root.ancestors().find(|p| p.is_dir()).is_some_and(is_bpffs);
+        if !on_bpffs(&root) {
+            let standard = Path::new(BPFFS_MOUNT);
+            if root.starts_with(standard) {
+                ensure_bpffs(standard)?;
+            }
+            if !on_bpffs(&root) {
+                return Err(Error::NotBpffs(self.root.clone()));
+            }
         }
         mkdir(&self.root)?;
         let mut older = Vec::new();
@@ -248,5 +248,9 @@ mod tests {
         assert!(dir.join("kept").exists(), "{} was hidden", dir.display());
         assert!(!root.exists(), "{} was created", root.display());
         fs::remove_dir_all(&dir).unwrap();
+        // A relative root is taken from the working directory (the crate's, not bpffs).
+        let err = Pins::new("podshaper-relative-pins").prepare().unwrap_err();
+        assert!(matches!(&err, Error::NotBpffs(_)), "{err:?}");
+        assert!(!Path::new("podshaper-relative-pins").exists());
     }
 }

@@ -739,4 +739,14 @@ fn the_daemon_tells_a_missing_cgroup_from_other_errors() {
     assert_eq!(all[0].name.as_deref(), Some("ns/pod"));
     state.reset().expect("reset");
     assert!(state.status(None).expect("status").is_empty());
+    assert_eq!(pins_under(&root), 0, "pins left after reset");
+    assert_eq!(attached_programs(pod.path()), 0);
+    // The next limit loads the datapath again.
+    state
+        .limit(pod.path(), ten, Change::Keep, None)
+        .expect("limit after reset");
+    assert_eq!(attached_programs(pod.path()), 3);
+    assert_eq!(state.status(None).expect("status").len(), 1);
+    state.reset().expect("reset again");
+    assert_eq!(pins_under(&root), 0, "pins left after the second reset");
 }
