@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/podshaper
 
-.PHONY: deps k8s-bins build demo test bench bench-k8s fmt lint clean
+.PHONY: deps k8s-bins guest-kernels build demo test bench bench-k8s fmt lint clean
 
 deps:
 	./scripts/deps.sh
@@ -10,6 +10,10 @@ deps:
 ## kube-apiserver, etcd and helm from their Go modules, cached in /var/cache/podshaper (~6 min cold).
 k8s-bins:
 	./scripts/k8s-bins.sh
+
+## Debian's 6.1 and 6.12 cloud kernels for the qemu guest lab, cached in /var/cache/podshaper (root).
+guest-kernels:
+	./scripts/guest-kernels.sh
 
 build: deps
 	$(CARGO) build --release --locked

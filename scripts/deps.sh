@@ -5,6 +5,11 @@ set -euo pipefail
 
 # openssl: certificates of the test control plane.
 pkgs=(clang clang-format llvm libbpf-dev linux-libc-dev iproute2 iperf3 bpftool containernetworking-plugins pkg-config openssl)
+# `deps.sh guest`: also what the guest lab needs (qemu guests with other kernels): qemu,
+# a static busybox for the guest's userland and cpio for its initramfs.
+if [ "${1:-}" = guest ]; then
+  pkgs+=(qemu-system-x86 busybox-static cpio)
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,6 +6,7 @@
 pub mod bpf_stats;
 pub mod cpu;
 pub mod datapath;
+pub mod guest;
 pub mod k8s;
 pub mod probe;
 pub mod sampler;

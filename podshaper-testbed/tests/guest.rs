@@ -1,0 +1,66 @@
+//! The guest lab end to end: each guest kernel boots, runs a job with cgroup v2 and bpffs
+//! mounted, and hands back its output and exit status; nothing is left behind.
+use std::{
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
+
+use podshaper_testbed::guest::{Guest, Kernel};
+
+/// One guest at a time: two emulated CPUs would share this machine's two, and the leftover
+/// check counts every guest directory of the process.
+fn one_at_a_time() -> Option<MutexGuard<'static, ()>> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    if !podshaper_testbed::root_or_skip("installs qemu and fetches the guest kernels with apt") {
+        return None;
+    }
+    Some(LOCK.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+#[test]
+fn each_guest_kernel_boots_and_runs_a_job() {
+    let Some(_g) = one_at_a_time() else { return };
+    let kernels = Kernel::all().expect("guest kernels (scripts/guest-kernels.sh)");
+    let series: Vec<&str> = kernels.iter().map(|k| k.series.as_str()).collect();
+    assert_eq!(series, ["6.1", "6.12"], "{kernels:?}");
+    let leftovers = || {
+        std::fs::read_dir(std::env::temp_dir())
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with("-guest"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let before = leftovers();
+    for k in kernels {
+        let guest = Guest::new(k.clone(), Duration::from_secs(120));
+        let job = "uname -r\ngrep -E ' /sys/fs/(cgroup|bpf) ' /proc/mounts | cut -d' ' -f2,3\nexit 3\n";
+        let o = guest.run(job).expect("guest run");
+        eprintln!(
+            "{} booted and ran the job in {:.1} s",
+            k.release,
+            o.took.as_secs_f64()
+        );
+        assert_eq!(o.status, 3, "{o:?}");
+        let lines: Vec<&str> = o.output.lines().collect();
+        assert_eq!(
+            lines,
+            [k.release.as_str(), "/sys/fs/cgroup cgroup2", "/sys/fs/bpf bpf"],
+            "{o:?}"
+        );
+    }
+    assert_eq!(leftovers(), before, "a guest left its directory behind");
+}
+
+// A guest whose kernel dies during the job is an error naming it, not a status, and leaves
+// nothing behind either.
+#[test]
+fn a_guest_that_dies_is_an_error() {
+    let Some(_g) = one_at_a_time() else { return };
+    let kernel = Kernel::all().expect("guest kernels").remove(0);
+    let err = Guest::new(kernel, Duration::from_secs(120))
+        .run("echo c > /proc/sysrq-trigger\nsleep 60\n")
+        .expect_err("a panicked guest");
+    assert!(err.to_string().contains("died before the job ended"), "{err}");
+}
