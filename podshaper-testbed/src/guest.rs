@@ -20,7 +20,7 @@ use crate::{io_err, run, unique_name, Error};
 /// status from it, and its absence says the guest died (panic, timeout) before the job ended.
 const EXIT_MARK: &str = "PODSHAPER-GUEST-EXIT";
 /// Memory of a guest: enough for the job and the test binaries in the initramfs.
-const MEMORY_MB: u32 = 1024;
+const MEMORY_MB: u32 = 2048;
 
 /// A kernel of the guest lab, as scripts/guest-kernels.sh caches it.
 #[derive(Clone, Debug)]
@@ -73,11 +73,33 @@ pub struct Outcome {
 pub struct Guest {
     kernel: Kernel,
     timeout: Duration,
+    files: Vec<PathBuf>,
+    modules: Vec<String>,
 }
 
 impl Guest {
     pub fn new(kernel: Kernel, timeout: Duration) -> Self {
-        Self { kernel, timeout }
+        Self {
+            kernel,
+            timeout,
+            files: Vec::new(),
+            modules: Vec::new(),
+        }
+    }
+
+    /// Host files to copy into the guest at the same paths; executables bring the shared
+    /// libraries `ldd` names, and lose their debug info on the way (a debug test binary is
+    /// 130 MB, and the initramfs lives in the guest's memory).
+    pub fn with_files(mut self, files: impl IntoIterator<Item = PathBuf>) -> Self {
+        self.files.extend(files);
+        self
+    }
+
+    /// Kernel modules (by name: "veth") the guest's init loads, in this order, before the
+    /// job: the cloud kernels build veth, sch_htb and the like as modules.
+    pub fn with_modules(mut self, names: &[&str]) -> Self {
+        self.modules.extend(names.iter().map(|n| n.to_string()));
+        self
     }
 
     /// Boots the guest, runs `job` (a busybox sh script) and returns its outcome.
@@ -90,11 +112,24 @@ impl Guest {
 
     fn run_in(&self, dir: &Path, job: &str) -> Result<Outcome, Error> {
         let root = dir.join("root");
-        for d in ["bin", "proc", "sys", "dev", "tmp", "run"] {
+        for d in ["bin", "proc", "sys", "dev", "tmp", "run", "var"] {
             fs::create_dir_all(root.join(d)).map_err(|e| io_err("create", &root.join(d), e))?;
         }
         let busybox = Path::new("/bin/busybox");
         fs::copy(busybox, root.join("bin/busybox")).map_err(|e| io_err("copy", busybox, e))?;
+        for f in &self.files {
+            copy_with_libraries(f, &root)?;
+        }
+        let mods = root.join("modules");
+        fs::create_dir_all(&mods).map_err(|e| io_err("create", &mods, e))?;
+        for (i, name) in self.modules.iter().enumerate() {
+            // Numbered, so that init loads them in the order given.
+            module_into(
+                &self.kernel.modules,
+                name,
+                &mods.join(format!("{i:02}-{name}.ko")),
+            )?;
+        }
         write_file(&root.join("init"), &init_script(), 0o755)?;
         write_file(&root.join("job.sh"), job, 0o755)?;
         let initrd = dir.join("initrd.cpio");
@@ -178,6 +213,11 @@ mount -t devtmpfs dev /dev
 mkdir -p /sys/fs/cgroup /sys/fs/bpf
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+ln -s /run /var/run 2>/dev/null
+ip link set lo up
+for m in /modules/*.ko; do [ -e "$m" ] && insmod "$m"; done
 echo PODSHAPER-GUEST-BEGIN
 sh /job.sh </dev/null 2>&1
 echo "{EXIT_MARK} $?"
@@ -196,6 +236,93 @@ fn parse_console(console: &str, took: Duration) -> Option<Outcome> {
         output: output.to_string(),
         took,
     })
+}
+
+/// Copies `file` to the same path under `root`, with the shared libraries it needs.
+fn copy_with_libraries(file: &Path, root: &Path) -> Result<(), Error> {
+    let mut paths = vec![file.to_path_buf()];
+    // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)", "/lib64/ld-linux-x86-64.so.2 (0x...)";
+    // a static or non-ELF file makes ldd fail: it brings nothing.
+    if let Ok(out) = run(Command::new("ldd").arg(file)) {
+        for line in out.lines() {
+            let path = line
+                .split("=>")
+                .last()
+                .unwrap_or(line)
+                .split_whitespace()
+                .next()
+                .unwrap_or("");
+            if path.starts_with('/') {
+                paths.push(PathBuf::from(path));
+            }
+        }
+    }
+    for p in paths {
+        let to = root.join(p.strip_prefix("/").unwrap_or(&p));
+        if to.exists() {
+            continue;
+        }
+        if let Some(dir) = to.parent() {
+            fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
+        }
+        // strip drops debug info only (symbols stay for backtraces); what it cannot read
+        // (scripts, data) is copied as it is.
+        if run(Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&to)
+            .arg(&p))
+        .is_err()
+        {
+            fs::copy(&p, &to).map_err(|e| io_err("copy", &p, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes module `name` of the kernel's module tree to `to`, uncompressed (6.12's are .xz,
+/// which busybox's insmod does not read).
+fn module_into(modules: &Path, name: &str, to: &Path) -> Result<(), Error> {
+    let file = find_module(modules, name).ok_or_else(|| Error::Parse {
+        what: format!("kernel modules under {}", modules.display()),
+        why: format!("no module {name}"),
+    })?;
+    if file.extension().is_some_and(|e| e == "xz") {
+        let out = fs::File::create(to).map_err(|e| io_err("create", to, e))?;
+        let status = Command::new("xz")
+            .arg("-dc")
+            .arg(&file)
+            .stdout(out)
+            .status()
+            .map_err(|e| io_err("run xz on", &file, e))?;
+        if !status.success() {
+            return Err(Error::Command {
+                command: format!("xz -dc {}", file.display()),
+                status,
+                stderr: String::new(),
+            });
+        }
+        return Ok(());
+    }
+    fs::copy(&file, to).map_err(|e| io_err("copy", &file, e))?;
+    Ok(())
+}
+
+fn find_module(dir: &Path, name: &str) -> Option<PathBuf> {
+    for e in fs::read_dir(dir).ok()?.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            if let Some(found) = find_module(&path, name) {
+                return Some(found);
+            }
+        } else {
+            let file = e.file_name().to_string_lossy().into_owned();
+            if file == format!("{name}.ko") || file == format!("{name}.ko.xz") {
+                return Some(path);
+            }
+        }
+    }
+    None
 }
 
 fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), Error> {
