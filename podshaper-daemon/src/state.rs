@@ -140,18 +140,19 @@ impl State {
         }
         let fresh = self.datapath.is_none();
         let datapath = self.datapath_mut()?;
-        if let Err(e) = datapath.set(&cg, limits) {
-            if fresh {
-                // Loaded for this request only: leave nothing pinned, as before it.
-                self.datapath = None;
-                if let Err(e) = podshaper_ebpf::reset(&self.root) {
-                    warn!(error = %e, "remove the state loaded for a failed limit");
+        let status = match datapath.set(&cg, limits).and_then(|()| datapath.state(cg.id)) {
+            Ok(status) => status,
+            Err(e) => {
+                if fresh {
+                    // Loaded for this request only: leave nothing pinned, as before it.
+                    self.datapath = None;
+                    if let Err(e) = podshaper_ebpf::reset(&self.root) {
+                        warn!(error = %e, "remove the state loaded for a failed limit");
+                    }
                 }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
-        let datapath = self.datapath_mut()?;
-        let status = datapath.state(cg.id)?;
+        };
         if limits.is_none() {
             self.forget(cg.id);
         } else if let Some(name) = name {

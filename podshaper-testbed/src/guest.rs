@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{io_err, run, unique_name, Error};
+use crate::{io_err, run, run_with_input, unique_name, Error};
 
 /// Printed by the guest's init after the job, with its exit status: the harness reads the
 /// status from it, and its absence says the guest died (panic, timeout) before the job ended.
@@ -334,34 +334,13 @@ fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), Error> {
 /// An uncompressed newc archive of `root`, as the kernel unpacks an initramfs.
 fn cpio(root: &Path, out: &Path) -> Result<(), Error> {
     let list = run(Command::new("find").arg(".").current_dir(root))?;
-    let file = fs::File::create(out).map_err(|e| io_err("create", out, e))?;
-    let mut child = Command::new("cpio")
-        .args(["-o", "-H", "newc", "--quiet"])
-        .current_dir(root)
-        .stdin(Stdio::piped())
-        .stdout(file)
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| Error::Io {
-            what: "run cpio (scripts/deps.sh guest installs it)".into(),
-            source: e,
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write;
-        stdin
-            .write_all(list.as_bytes())
-            .map_err(|e| io_err("write to cpio for", root, e))?;
-    }
-    let o = child
-        .wait_with_output()
-        .map_err(|e| io_err("wait for cpio on", root, e))?;
-    if !o.status.success() {
-        return Err(Error::Command {
-            command: "cpio -o -H newc".into(),
-            status: o.status,
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        });
-    }
+    run_with_input(
+        Command::new("cpio")
+            .args(["-o", "-H", "newc", "--quiet", "-F"])
+            .arg(out)
+            .current_dir(root),
+        list.as_bytes(),
+    )?;
     Ok(())
 }
 

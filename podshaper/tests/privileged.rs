@@ -468,6 +468,18 @@ impl Drop for Daemon {
     }
 }
 
+/// A private daemon's directory (made), socket and bpffs root, unique to this process.
+fn daemon_paths(label: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let name = format!("podshaper-{label}-{}", std::process::id());
+    let tmp = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&tmp).expect("tmp dir");
+    (
+        tmp.clone(),
+        tmp.join("podshaper.sock"),
+        Path::new("/sys/fs/bpf").join(name),
+    )
+}
+
 fn cli(socket: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_podshaper"))
         .args(args)
@@ -479,10 +491,7 @@ fn cli(socket: &Path, args: &[&str]) -> std::process::Output {
 #[test]
 fn limits_survive_a_daemon_restart() {
     let Some(_g) = privileged() else { return };
-    let tmp = std::env::temp_dir().join(format!("podshaper-test-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).expect("tmp dir");
-    let socket = tmp.join("podshaper.sock");
-    let bpffs = Path::new("/sys/fs/bpf").join(format!("podshaper-test-{}", std::process::id()));
+    let (tmp, socket, bpffs) = daemon_paths("test");
     let pair = NetnsPair::new().expect("netns");
     let pod = Cgroup::new("restart").expect("cgroup");
     let path = pod.path().to_string_lossy().into_owned();
@@ -579,10 +588,7 @@ impl Drop for PinsGuard {
 #[test]
 fn a_daemon_that_was_reset_leaves_nothing_behind_when_it_stops() {
     let Some(_g) = privileged() else { return };
-    let tmp = std::env::temp_dir().join(format!("podshaper-reset-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).expect("tmp dir");
-    let socket = tmp.join("podshaper.sock");
-    let bpffs = Path::new("/sys/fs/bpf").join(format!("podshaper-reset-{}", std::process::id()));
+    let (tmp, socket, bpffs) = daemon_paths("reset");
     let _pins = PinsGuard(bpffs.clone());
     let before = our_programs();
     let cgroups: Vec<Cgroup> = (0..20)
@@ -712,7 +718,7 @@ fn a_tcp_flow_beside_udp_trickles_gets_the_limit_less_the_trickle() {
 fn the_daemon_tells_a_missing_cgroup_from_other_errors() {
     use podshaper_api::{proto::Change, Rate};
     let Some(_g) = privileged() else { return };
-    let root = Path::new("/sys/fs/bpf").join(format!("podshaper-typed-{}", std::process::id()));
+    let (tmp, _, root) = daemon_paths("typed");
     let _pins = PinsGuard(root.clone());
     let mut state = podshaper_daemon::State::open(&root, false, None).expect("open the daemon state");
     let pod = Cgroup::new("typed").expect("cgroup");
@@ -749,4 +755,5 @@ fn the_daemon_tells_a_missing_cgroup_from_other_errors() {
     assert_eq!(state.status(None).expect("status").len(), 1);
     state.reset().expect("reset again");
     assert_eq!(pins_under(&root), 0, "pins left after the second reset");
+    let _ = std::fs::remove_dir_all(&tmp);
 }
