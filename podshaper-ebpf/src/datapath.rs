@@ -69,10 +69,10 @@ impl Datapath {
     /// State pinned by an older ABI version is migrated (see [`Datapath::migrate`]); state of
     /// a newer one is refused.
     ///
-    /// Minimum kernel version: 5.10 (cgroup bpf_link 5.7, shared cgroup storage 5.9, TCP
-    /// header-option callbacks 5.10).
+    /// The kernel is probed first ([`crate::features`]): a kernel without what the programs
+    /// use is refused with the list of what is missing (mainline 5.9 has it all).
     pub fn load(pins: Pins, mount: PathBuf) -> Result<Self, Error> {
-        check_kernel()?;
+        crate::features::check()?;
         let older = pins.prepare()?;
         let maps_dir = pins.maps();
         let load = |obj: &'static str, bytes: &[u8]| {
@@ -446,15 +446,4 @@ pub fn reset(root: &Path) -> Result<(), Error> {
         }
     }
     pins::remove_tree(pins.root())
-}
-
-fn check_kernel() -> Result<(), Error> {
-    let v = aya::util::KernelVersion::current()
-        .map_err(|e| Error::Kernel(format!("read kernel version: {e}")))?;
-    if v < aya::util::KernelVersion::new(5, 10, 0) {
-        return Err(Error::Kernel(format!(
-            "kernel {v:?} is too old: podshaper needs Linux 5.10 or newer (cgroup bpf_link, shared cgroup storage, TCP header-option callbacks)"
-        )));
-    }
-    Ok(())
 }

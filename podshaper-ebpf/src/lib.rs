@@ -6,6 +6,7 @@ pub mod abi;
 pub mod cgroup;
 mod controller;
 mod datapath;
+pub mod features;
 pub mod pins;
 mod sys;
 
