@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/podshaper
 
-.PHONY: deps k8s-bins guest-kernels build demo test bench bench-k8s fmt lint clean
+.PHONY: deps k8s-bins guest-kernels build demo test test-kernels bench bench-k8s fmt lint clean
 
 deps:
 	./scripts/deps.sh
@@ -26,6 +26,11 @@ demo: build
 ## skipped with a message otherwise, failed under CI=true).
 test: deps k8s-bins
 	$(CARGO) test --workspace --locked
+
+## The privileged tests inside qemu guests of Debian's 6.1 and 6.12 kernels, one at a time, and a
+## table of the results (root, ~10 min; `TEST_KERNELS_ARGS="--kernel 6.1 <filter>"`).
+test-kernels: deps guest-kernels
+	$(CARGO) run --locked -p podshaper-testbed --bin podshaper-test-kernels -- $(TEST_KERNELS_ARGS)
 
 ## Benchmark against TBF as the bandwidth CNI plugin sets it up (root, ~20 min; `BENCH_ARGS=--quick`).
 bench: deps

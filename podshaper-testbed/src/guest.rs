@@ -115,6 +115,8 @@ impl Guest {
     /// Host files to copy into the guest at the same paths; executables bring the shared
     /// libraries `ldd` names, and lose their debug info on the way (a debug test binary is
     /// 130 MB, and the initramfs lives in the guest's memory).
+    /// Jobs must name them by path where busybox has an applet of the same name (`ip`): its sh
+    /// runs its applets before looking at PATH.
     pub fn with_files(mut self, files: impl IntoIterator<Item = PathBuf>) -> Self {
         self.files.extend(files);
         self

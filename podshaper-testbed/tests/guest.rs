@@ -19,21 +19,23 @@ fn one_at_a_time() -> Option<MutexGuard<'static, ()>> {
     Some(LOCK.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
+/// Guest directories in the temporary directory.
+fn leftovers() -> usize {
+    std::fs::read_dir(std::env::temp_dir())
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with("-guest"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 #[test]
 fn each_guest_kernel_boots_and_runs_a_job() {
     let Some(_g) = one_at_a_time() else { return };
     let kernels = Kernel::all().expect("guest kernels (scripts/guest-kernels.sh)");
     let series: Vec<&str> = kernels.iter().map(|k| k.series.as_str()).collect();
     assert_eq!(series, ["6.1", "6.12"], "{kernels:?}");
-    let leftovers = || {
-        std::fs::read_dir(std::env::temp_dir())
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().ends_with("-guest"))
-                    .count()
-            })
-            .unwrap_or(0)
-    };
     let before = leftovers();
     for k in kernels {
         let guest = Guest::new(k.clone(), Duration::from_secs(120));
@@ -79,7 +81,7 @@ fn a_guest_node_reaches_the_host_and_goes_without_a_trace() {
             .map(|d| d.count())
             .unwrap_or(0)
     };
-    let before = namespaces();
+    let before = (namespaces(), leftovers());
     let mut node = Guest::new(kernel, Duration::from_secs(120))
         .with_network()
         .boot()
@@ -110,8 +112,8 @@ fn a_guest_node_reaches_the_host_and_goes_without_a_trace() {
     assert!(err.to_string().contains("no result after 2 s"), "{err}");
     drop(node);
     assert_eq!(
-        namespaces(),
+        (namespaces(), leftovers()),
         before,
-        "the guest's network namespace was left behind"
+        "the guest's network namespace or directory was left behind"
     );
 }
