@@ -10,7 +10,7 @@ use aya::{
     sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
 };
 
-use crate::Error;
+use crate::{sys, Error};
 
 /// One kernel feature the datapath uses.
 #[derive(Clone, Copy, Debug)]
@@ -182,26 +182,19 @@ fn shared_cgroup_storage() -> Result<bool, String> {
         max_entries: 0,
         map_flags: 0,
     };
-    // SAFETY: attr is a valid prefix of bpf_attr for BPF_MAP_CREATE, and its size is passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &attr as *const MapCreate,
-            std::mem::size_of::<MapCreate>(),
-        )
-    };
-    if fd < 0 {
-        return refused();
+    // SAFETY: the attribute holds no pointers.
+    match unsafe { sys::bpf(BPF_MAP_CREATE, &attr) } {
+        Ok(fd) => {
+            // SAFETY: the kernel just made this descriptor for us; dropping it closes it.
+            drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            Ok(true)
+        }
+        Err(e) => refused(e),
     }
-    // SAFETY: the kernel just returned this descriptor to us; dropping it closes the map.
-    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    Ok(true)
 }
 
 /// A failed probe syscall: no for EINVAL and the like, an error when the caller may not ask.
-fn refused() -> Result<bool, String> {
-    let e = std::io::Error::last_os_error();
+fn refused(e: std::io::Error) -> Result<bool, String> {
     match e.raw_os_error() {
         Some(libc::EPERM) => Err(format!("{e} (needs CAP_BPF)")),
         _ => Ok(false),
@@ -224,19 +217,16 @@ fn link_create() -> Result<bool, String> {
         attach_type: 0,
         flags: 0,
     };
-    // SAFETY: attr is a valid prefix of bpf_attr for BPF_LINK_CREATE, and its size is passed.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &attr as *const LinkCreate,
-            std::mem::size_of::<LinkCreate>(),
-        )
-    };
-    if ret < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EBADF) {
-        return Ok(true);
+    // SAFETY: the attribute holds no pointers.
+    match unsafe { sys::bpf(BPF_LINK_CREATE, &attr) } {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(true),
+        Ok(fd) => {
+            // SAFETY: as above; no kernel makes a link of fd -1, but one that did made it ours.
+            drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            Ok(true)
+        }
+        Err(e) => refused(e),
     }
-    refused()
 }
 
 #[cfg(test)]

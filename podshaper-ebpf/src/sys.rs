@@ -1,6 +1,7 @@
 //! Raw map element syscalls for the cgroup storage maps. aya 0.14 only speaks the isolated
 //! `{cgroup id, attach type}` key; podshaper uses the shared `u64` key (one value per cgroup for
-//! all attach types, kernel 5.9), so these few calls are made directly.
+//! all attach types, kernel 5.9), so these few calls are made directly, through the bare
+//! bpf(2) call that the feature probes use too.
 use std::{
     io,
     os::fd::{AsRawFd, BorrowedFd},
@@ -30,19 +31,9 @@ fn elem_op(cmd: libc::c_long, fd: BorrowedFd<'_>, key: &u64, value: *mut u8, fla
         value: value as u64,
         flags,
     };
-    // SAFETY: attr points to valid memory for the call; key and value outlive it and the
-    // caller sized `value` for the map (checked against the map's value size by the callers).
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            &attr as *const ElemAttr,
-            std::mem::size_of::<ElemAttr>(),
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: key and value outlive the call and the caller sized `value` for the map
+    // (checked against the map's value size by the callers).
+    unsafe { bpf(cmd, &attr) }?;
     Ok(())
 }
 
@@ -69,4 +60,20 @@ pub(crate) fn from_bytes<T: Copy + Default>(bytes: &[u8]) -> T {
     // SAFETY: T is a #[repr(C)] POD of integers: every bit pattern is valid; n is in bounds.
     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), &mut v as *mut T as *mut u8, n) };
     v
+}
+
+/// bpf(2) with `attr`, a prefix of `union bpf_attr` for `cmd` (the kernel reads
+/// `size_of::<T>()` bytes and takes the rest as zero); returns what the kernel returned, a
+/// descriptor for commands that make one.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for what `cmd` does with it during the call.
+pub(crate) unsafe fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: attr is valid for reads of its size during the call; the caller answers for the
+    // pointers it holds.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, std::mem::size_of::<T>()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret)
 }
