@@ -455,7 +455,8 @@ impl Drop for GuestNode {
     }
 }
 
-/// The guest's /init: mounts what podshaper needs (cgroup v2 alone, bpffs), loads the
+/// The guest's /init: mounts what podshaper needs (cgroup v2 alone, bpffs; /tmp and /run stay
+/// on the writable initramfs, where files copied under /tmp live), loads the
 /// modules, brings up the NIC if the guest has one, then reads jobs from the console with
 /// echo off (the harness sends each with its marks).
 fn init_script() -> String {
@@ -469,8 +470,6 @@ mount -t devtmpfs dev /dev
 mkdir -p /sys/fs/cgroup /sys/fs/bpf
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
-mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
 ln -s /run /var/run 2>/dev/null
 ip link set lo up
 for m in /modules/*.ko; do [ -e "$m" ] && insmod "$m"; done

@@ -82,7 +82,12 @@ fn a_guest_node_reaches_the_host_and_goes_without_a_trace() {
             .unwrap_or(0)
     };
     let before = (namespaces(), leftovers());
+    // A host file under the temporary directory (where a CI clone's binaries are) is at the
+    // same path in the guest.
+    let file = std::env::temp_dir().join(format!("podshaper-guest-file-{}", std::process::id()));
+    std::fs::write(&file, "from the host\n").expect("write a host file");
     let mut node = Guest::new(kernel, Duration::from_secs(120))
+        .with_files([file.clone()])
         .with_network()
         .boot()
         .expect("boot a guest node");
@@ -103,9 +108,17 @@ fn a_guest_node_reaches_the_host_and_goes_without_a_trace() {
             .unwrap_or_else(|e| panic!("the host does not reach the guest at {addr}: {e}"));
     }
     let o = node
-        .run("cat /tmp/mark\n", Duration::from_secs(30))
+        .run(
+            &format!("cat /tmp/mark {}\n", file.display()),
+            Duration::from_secs(30),
+        )
         .expect("second job");
-    assert_eq!((o.status, o.output.as_str()), (0, "first\n"), "{o:?}");
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(
+        (o.status, o.output.as_str()),
+        (0, "first\nfrom the host\n"),
+        "{o:?}"
+    );
     let err = node
         .run("sleep 30\n", Duration::from_secs(2))
         .expect_err("a job past its timeout");
