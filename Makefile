@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/podshaper
 
-.PHONY: deps k8s-bins guest-kernels build demo test test-kernels bench bench-k8s fmt lint clean
+.PHONY: deps k8s-bins guest-kernels build demo test test-kernels bench bench-k8s bench-guest fmt lint clean
 
 deps:
 	./scripts/deps.sh
@@ -35,6 +35,10 @@ test-kernels: deps guest-kernels
 ## Benchmark against TBF as the bandwidth CNI plugin sets it up (root, ~20 min; `BENCH_ARGS=--quick`).
 bench: deps
 	$(CARGO) run --release --locked -p podshaper-testbed --bin podshaper-bench -- --markdown docs/benchmarks.md $(BENCH_ARGS)
+
+## podshaper beside an EDT + fq shaper (Cilium's kind) inside qemu guests, which have sch_fq (root, ~3 min).
+bench-guest: deps guest-kernels
+	$(CARGO) run --locked -p podshaper-testbed --bin podshaper-bench-guest -- $(BENCH_ARGS)
 
 ## The agent against a real kube-apiserver: change latency, RSS/CPU with 110 pods, restart (root).
 bench-k8s: deps k8s-bins build
