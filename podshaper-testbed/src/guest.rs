@@ -288,7 +288,7 @@ pub struct GuestNode {
     qemu: Option<Child>,
     stdin: Option<ChildStdin>,
     lines: Option<mpsc::Receiver<String>>,
-    /// Everything the console printed outside jobs, for the error when the guest dies.
+    /// What the console printed before the guest died, for the error.
     console: String,
 }
 
@@ -311,9 +311,10 @@ impl GuestNode {
         self.netns.as_ref()
     }
 
-    /// Runs `job` (a busybox sh script, in a subshell with stdin from /dev/null) and returns
-    /// its output and status; fails if the guest dies or the job outlives `timeout`, which
-    /// kills the guest (a job cannot be interrupted over the console).
+    /// Runs `job` (a busybox sh script, in a child shell with stdin from /dev/null) and
+    /// returns its output and status; fails if the guest dies or the job outlives `timeout`.
+    /// A job past its timeout runs on (it cannot be interrupted over the console): drop the
+    /// node then rather than send it another job.
     pub fn run(&mut self, job: &str, timeout: Duration) -> Result<Outcome, Error> {
         let started = Instant::now();
         // The job travels as base64 lines appended to a file, so that nothing in it is taken

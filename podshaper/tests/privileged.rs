@@ -323,8 +323,9 @@ fn sent(dp: &TempDatapath, pod: &Cgroup) -> u64 {
 /// More than iperf3's control connection sends before a test starts (a few hundred bytes).
 const FIRST_DATA: u64 = 64 * 1024;
 
-// Loopback traffic of a limited pod runs as fast as it did before the limit (half of it at
-// least: runs vary), and none of it is counted against the limit.
+// Loopback traffic of a limited pod is not held to the limit (20x it at least) nor slowed
+// much (a quarter of the same pod's loopback before the limit at least: back-to-back runs vary
+// by 2x on this 2-core machine, 11.4 then 5.1 Gbit/s seen in CI), and none of it is counted.
 #[test]
 fn loopback_is_neither_limited_nor_counted() {
     let Some(_g) = privileged() else { return };
@@ -342,7 +343,7 @@ fn loopback_is_neither_limited_nor_counted() {
     lab.limit(Some(10 * M), Some(10 * M));
     let r = run_client(lab.pair.a(), Some(&lab.pod), &opts).expect("iperf3 over loopback");
     assert!(
-        r.received_bps > 0.5 * before.received_bps && r.received_bps > 20.0 * (10 * M) as f64,
+        r.received_bps > 0.25 * before.received_bps && r.received_bps > 20.0 * (10 * M) as f64,
         "loopback was limited: {:.0} bit/s, {:.0} before the limit",
         r.received_bps,
         before.received_bps
