@@ -489,6 +489,16 @@ cat | sh
 "#
     )
 }
+/// Where `program` is on this host's PATH, to copy it into a guest ([`Guest::with_files`]).
+pub fn host_program(program: &str) -> Result<PathBuf, Error> {
+    let out =
+        run(Command::new("sh").args(["-c", &format!("command -v {program}")])).map_err(|_| Error::Parse {
+            what: format!("the host's {program}"),
+            why: "not installed (make deps installs it)".into(),
+        })?;
+    Ok(PathBuf::from(out.trim()))
+}
+
 /// Copies `file` to the same path under `root`, with the shared libraries it needs.
 fn copy_with_libraries(file: &Path, root: &Path) -> Result<(), Error> {
     let mut paths = vec![file.to_path_buf()];

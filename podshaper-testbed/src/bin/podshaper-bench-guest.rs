@@ -9,7 +9,7 @@ use std::{path::PathBuf, process::Command, time::Duration};
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use podshaper_testbed::{
-    guest::{Guest, GuestNode, Kernel},
+    guest::{host_program, Guest, GuestNode, Kernel},
     ClientOptions, IperfReport, NetnsPair, ServerOptions, Table, Traffic, L3,
 };
 
@@ -50,10 +50,10 @@ fn main() -> Result<()> {
         let files = [
             podshaper.clone(),
             PathBuf::from(EDT_OBJ),
-            which("ip")?,
-            which("tc")?,
-            which("bpftool")?,
-            which("iperf3")?,
+            host_program("ip")?,
+            host_program("tc")?,
+            host_program("bpftool")?,
+            host_program("iperf3")?,
         ];
         let mut node = Guest::new(k.clone(), Duration::from_secs(180))
             .with_files(files)
@@ -89,7 +89,7 @@ fn main() -> Result<()> {
 /// The pod's two namespaces (as the lab's, same addresses), the iperf3 server in B, the
 /// pod's cgroup and the daemon.
 fn setup(podshaper: &std::path::Path) -> Result<String> {
-    let ip = which("ip")?;
+    let ip = host_program("ip")?;
     let (ip, ps) = (ip.display(), podshaper.display());
     let (a, b) = (NetnsPair::A_V4, NetnsPair::B_V4);
     let server = ServerOptions::default();
@@ -127,7 +127,7 @@ fn client(secs: u32) -> String {
 
 /// Limits the pod's cgroup, runs the client in it, lifts the limit.
 fn podshaper_case(podshaper: &std::path::Path, rate: u64, secs: u32) -> Result<String> {
-    let ip = which("ip")?;
+    let ip = host_program("ip")?;
     let (ip, ps) = (ip.display(), podshaper.display());
     Ok(format!(
         "export PATH={PATH} PODSHAPER_SOCKET=/run/ps.sock\n\
@@ -143,7 +143,7 @@ fn podshaper_case(podshaper: &std::path::Path, rate: u64, secs: u32) -> Result<S
 /// Loads the EDT program, puts fq and it on the pod's veth, sets the rate, runs the client
 /// (in no limited cgroup), takes all of it off again.
 fn edt_case(rate: u64, secs: u32) -> Result<String> {
-    let (ip, tc, bpftool) = (which("ip")?, which("tc")?, which("bpftool")?);
+    let (ip, tc, bpftool) = (host_program("ip")?, host_program("tc")?, host_program("bpftool")?);
     let (ip, tc, bpftool) = (ip.display(), tc.display(), bpftool.display());
     // struct edt { bytes_per_sec, horizon_ns, t_last, drops }, little-endian u64s.
     let value: Vec<String> = [rate / 8, HORIZON_NS, 0, 0]
@@ -176,19 +176,6 @@ fn run_case(node: &mut GuestNode, job: &str, secs: u32) -> Result<IperfReport> {
     ensure!(o.status == 0, "case failed: {}", o.output);
     let json = &o.output[o.output.find('{').context("no iperf3 JSON")?..];
     Ok(IperfReport::parse(json)?)
-}
-
-fn which(program: &str) -> Result<PathBuf> {
-    let out = Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .context("run sh")?;
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    ensure!(
-        out.status.success() && path.starts_with('/'),
-        "{program} is not installed (make deps installs it)"
-    );
-    Ok(PathBuf::from(path))
 }
 
 /// Builds the podshaper binary (the dev profile: what is measured is its BPF programs).

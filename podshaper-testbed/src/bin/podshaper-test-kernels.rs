@@ -14,7 +14,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use podshaper_testbed::{
-    guest::{Guest, GuestNode, Kernel},
+    guest::{host_program, Guest, GuestNode, Kernel},
     ClientOptions, IperfReport, NetnsPair, ServerOptions, Table, Traffic, L3,
 };
 
@@ -160,10 +160,10 @@ fn tier(kernel: &Kernel, built: &Built, filter: Option<&str>) -> Result<TierResu
     let files = [
         built.tests.clone(),
         built.podshaper.clone(),
-        which("ip")?,
-        which("iperf3")?,
-        which("bpftool")?,
-        which("readelf")?,
+        host_program("ip")?,
+        host_program("iperf3")?,
+        host_program("bpftool")?,
+        host_program("readelf")?,
     ];
     let mut node = Guest::new(kernel.clone(), BOOT_TIMEOUT)
         .with_files(files)
@@ -257,7 +257,7 @@ fn check_lab(node: &mut GuestNode, kernel: &Kernel, built: &Built) -> Result<()>
 fn capacity(node: &mut GuestNode) -> Result<f64> {
     let (a, b) = (NetnsPair::A_V4, NetnsPair::B_V4);
     // busybox sh runs its own applets before PATH: the host's ip by its path.
-    let ip = which("ip")?;
+    let ip = host_program("ip")?;
     let ip = ip.display();
     let server = ServerOptions::default();
     let (interval, port) = (server.interval, server.port);
@@ -307,17 +307,4 @@ fn build_id(file: &Path) -> Result<String> {
         .find(|l| l.starts_with("Build ID:"))
         .map(str::to_string)
         .with_context(|| format!("{} has no build id", file.display()))
-}
-
-fn which(program: &str) -> Result<PathBuf> {
-    let out = Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .context("run sh")?;
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    ensure!(
-        out.status.success() && path.starts_with('/'),
-        "{program} is not installed (make deps installs it)"
-    );
-    Ok(PathBuf::from(path))
 }
