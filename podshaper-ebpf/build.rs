@@ -31,6 +31,7 @@ fn main() -> Result<()> {
         "bpf/podshaper.h",
         "bpf/maps.h",
         "bpf/controller.h",
+        "bpf/rate_option.h",
         "bpf/controller_host.c",
         "bpf/abi_probe.c",
     ] {

@@ -294,7 +294,9 @@ impl State {
 }
 
 fn load(root: &Path, peer_pacing: bool, mount: &Path) -> Result<Datapath, Error> {
-    let mut datapath = Datapath::load(Pins::new(root), mount.to_path_buf())?;
-    datapath.set_peer_pacing(peer_pacing);
-    Ok(datapath)
+    Ok(Datapath::load_with(
+        Pins::new(root),
+        mount.to_path_buf(),
+        peer_pacing,
+    )?)
 }

@@ -19,9 +19,10 @@ int main(void)
 	SIZE(ps_cgroup);
 	SIZE(ps_stats);
 	SIZE(ps_flow);
-	SIZE(ps_peer_key);
-	SIZE(ps_peer);
-	OFF(ps_peer_key, port, "port");
+	SIZE(ps_node_stats);
+	OFF(ps_flow, remote, "remote");
+	OFF(ps_flow, opt_pending, "opt_pending");
+	OFF(ps_node_stats, opt_outside, "opt_outside");
 	OFF(ps_config, generation, "generation");
 	OFF(ps_dir_state, share, "share");
 	OFF(ps_dir_state, epoch, "epoch");

@@ -27,7 +27,6 @@ struct ps_pkt {
 	__u8 syn;
 	__u8 payload;
 	__u8 ect;
-	struct ps_peer_key dst; // destination address and port (TCP only)
 };
 
 // Copies `len` bytes at `off` from the packet: straight from its linear part when they are
@@ -54,7 +53,6 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 	p->syn = 0;
 	p->payload = 0;
 	p->ect = 0;
-	__builtin_memset(&p->dst, 0, sizeof(p->dst));
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 
@@ -65,8 +63,6 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 		if (!(ip.frag_off & bpf_htons(PS_IP_OFFSET_MASK)))
 			proto = ip.protocol;
 		p->ect = ip.tos & 3;
-		p->dst.family = PS_AF_INET;
-		p->dst.addr[0] = ip.daddr;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 
@@ -75,8 +71,6 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 		l3 = sizeof(ip6);
 		proto = ip6.nexthdr; // extension headers: counted, not parsed
 		p->ect = (ip6.flow_lbl[0] >> 4) & 3;
-		p->dst.family = PS_AF_INET6;
-		__builtin_memcpy(p->dst.addr, &ip6.daddr, sizeof(p->dst.addr));
 	}
 	p->hdrlen = l3;
 	if (proto == IPPROTO_TCP) {
@@ -86,7 +80,6 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 			p->tcp = 1;
 			p->syn = th.syn;
 			p->hdrlen = l3 + th.doff * 4;
-			p->dst.port = bpf_ntohs(th.dest);
 		}
 	} else if (proto == IPPROTO_UDP) {
 		p->udp = 1;
@@ -107,8 +100,8 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	struct ps_flow *fl = NULL;
 	struct ps_dir_state *d;
 	struct ps_pkt p;
-	__u64 rate, now, depth, share = 0;
-	int verdict = PS_PASS, mark = 0, refresh = 0, control = 0;
+	__u64 rate, now, depth;
+	int verdict = PS_PASS, mark = 0, control = 0;
 
 	// Loopback (127.0.0.0/8, ::1, the pod's own addresses) stays free and uncounted.
 	if (skb->ifindex == PS_LOOPBACK_IFINDEX)
@@ -139,7 +132,7 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	// A control segment needs no verdict (see below): it is debited without the lock, which
 	// halves the locking of a bulk transfer (one ACK for every data packet or two). A debit
 	// lost to a concurrent refill is a few dozen bytes. Ingress SYNs take the locked path: they
-	// count a flow and publish its share.
+	// count a flow.
 	if (control && !(dir == PS_INGRESS && p.syn) && READ_ONCE(d->refill_ns) &&
 	    READ_ONCE(cg->generation_seen) == READ_ONCE(cg->config.generation)) {
 		if (READ_ONCE(d->tokens) > -(__s64)(2 * ps_depth(d, rate))) {
@@ -159,23 +152,13 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	ps_roll_epoch(d, rate, now);
 
 	if ((dir == PS_INGRESS && p.syn) || (fl && fl->epoch[dir] != d->epoch + 1)) {
-		if (fl && !p.syn) {
+		if (fl && !p.syn)
 			fl->epoch[dir] = d->epoch + 1;
-			refresh = 1;
-		}
 		ps_flow_joins(d, rate);
 	}
+	// The share goes out on the flows' next pure ACKs (the rate option, sock_ops).
 	if (dir == PS_INGRESS && p.tcp)
 		ps_brake(d, rate);
-	// Republish this socket's ingress share when it changed (a flow joined or left, an epoch
-	// ended), on a SYN, and once per epoch so that the entry never ages past PS_PEER_TTL_NS
-	// while the flow moves data: senders on this node re-pace at their next ACK.
-	if (dir == PS_INGRESS && p.tcp) {
-		share = d->share ? d->share : rate;
-		refresh = refresh || p.syn || (fl && fl->published != share);
-		if (fl)
-			fl->published = share;
-	}
 	depth = ps_depth(d, rate);
 	verdict = ps_judge(d->tokens, depth, p.tcp, dir, p.ect, &mark);
 	if (verdict & PS_VERDICT_PASS) {
@@ -191,12 +174,6 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	}
 	bpf_spin_unlock(&cg->lock);
 
-	if (dir == PS_INGRESS && refresh) {
-		// Tell senders on this node what this socket may receive (see ps_peers).
-		struct ps_peer peer = {.share = share, .updated_ns = now};
-
-		bpf_map_update_elem(&ps_peers, &p.dst, &peer, BPF_ANY);
-	}
 	if (mark && bpf_skb_ecn_set_ce(skb))
 		__sync_fetch_and_add(&st->marks[dir], 1);
 	if (verdict == PS_PASS_CN)

@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 // Copyright (c) 2026 The podshaper authors
 //
-// Host build of controller.h for src/controller.rs's tests: one exported wrapper per function,
+// Host build of controller.h and rate_option.h for src/controller.rs's and
+// src/rate_option.rs's tests: one exported wrapper per function,
 // so the tests run the very arithmetic the BPF programs run. build.rs compiles it twice: as is
 // (psh_*) and with PS_HOST_UNDAMPED (psh_undamped_*), the controller without its damping.
 #include <linux/bpf.h>
 #include "controller.h"
+#include "rate_option.h"
 
 #ifdef PS_HOST_UNDAMPED
 #define PSH(name) psh_undamped_##name
@@ -51,4 +53,24 @@ __u64 PSH(bucket_cap)(const struct ps_dir_state *d, __u64 rate)
 int PSH(judge)(__s64 tokens, __u64 depth, int tcp, int dir, int ect, int *mark)
 {
 	return ps_judge(tokens, depth, tcp, dir, ect, mark);
+}
+
+__u32 PSH(opt_encode)(__u64 bytes_per_sec)
+{
+	return ps_opt_encode(bytes_per_sec);
+}
+
+__u32 PSH(opt_none)(void)
+{
+	return ps_opt_none();
+}
+
+int PSH(opt_decode)(__u32 value, __u64 *bytes_per_sec)
+{
+	return ps_opt_decode(value, bytes_per_sec);
+}
+
+int PSH(ack_in_window)(__u32 ack, __u32 snd_una, __u32 snd_nxt)
+{
+	return ps_ack_in_window(ack, snd_una, snd_nxt);
 }

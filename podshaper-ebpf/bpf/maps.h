@@ -10,6 +10,7 @@
 #include <bpf/bpf_helpers.h>
 #include "podshaper.h"
 #include "controller.h"
+#include "rate_option.h"
 
 // cgroup id of the attach point -> struct ps_cgroup (config and controller state).
 // Cgroup storage with a plain u64 key is shared by every program attached to the same cgroup
@@ -32,8 +33,8 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ps_stats SEC(".maps");
 
-// socket -> struct ps_flow. Created by the egress/ingress programs when a TCP flow first moves
-// data and by sock_ops when a flow is established; freed with the socket. Read by both. Pinned.
+// socket -> struct ps_flow. Created by the egress/ingress programs when a flow first moves data
+// and by sock_ops when a TCP flow is established; freed with the socket. Read by both. Pinned.
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -42,18 +43,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ps_flows SEC(".maps");
 
-// (address, port) of a socket in an ingress-limited cgroup -> struct ps_peer. Written by the
-// ingress program (on SYNs and on each flow's first data of an epoch), read by sock_ops to pace
-// senders on this node toward it: ingress shaped at the source instead of policed. LRU, 64k
-// sockets; entries older than PS_PEER_TTL_NS are ignored. Pinned.
+// 0 -> per-CPU struct ps_node_stats: the node's rate-option counters. Written by both sock_ops
+// programs, summed by the daemon for status and metrics. Pinned; one entry.
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct ps_peer_key);
-	__type(value, struct ps_peer);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ps_node_stats);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} ps_peers SEC(".maps");
-
-#define PS_PEER_TTL_NS (1000ULL * 1000 * 1000)
+} ps_node SEC(".maps");
 
 #endif

@@ -9,7 +9,7 @@
 
 #include <linux/types.h>
 
-#define PS_ABI_VERSION 2
+#define PS_ABI_VERSION 3
 
 #define PS_EGRESS 0
 #define PS_INGRESS 1
@@ -78,8 +78,10 @@ struct ps_flow {
 	// Egress target of the socket's own cgroup (payload bytes/s); 0 = none. Written by the
 	// cgroup's sock_ops program, read by the node-level one so both apply the same minimum.
 	__u64 egress;
-	// Ingress share last published to ps_peers for this socket (L3 bytes/s).
-	__u64 published;
+	// Sender side: the per-flow rate the peer's receiver asked for in its last rate option
+	// (L3 bytes/s; 0 = none), and when that option arrived. It lapses PS_REMOTE_TTL_NS after.
+	__u64 remote;
+	__u64 remote_ns;
 	// Epoch (+1) in which the flow was last counted as active, per direction.
 	__u32 epoch[2];
 	// Congestion window clamp last set on the socket (segments); 0 = never set.
@@ -87,20 +89,33 @@ struct ps_flow {
 	// snd_una when the socket's own cgroup program last applied: lets the node-level program,
 	// which runs after it for the same callback, skip the work.
 	__u32 handled_una;
+	// Receiver side: the option value reserved on the pure ACK being built (0 = none), for
+	// WRITE_HDR_OPT_CB to store.
+	__u32 opt_pending;
+	// Receiver side: rcv_nxt of the pure ACK the cgroup's own program last looked at, so the
+	// node-level program (which runs after it) leaves that ACK alone.
+	__u32 opt_rcv_nxt;
+	// Receiver side: "no limit" options still to send once the limit is lifted.
+	__u32 opt_lapse;
+	__u32 pad;
 };
 
-// Key of ps_peers: the address and TCP port of a socket in an ingress-limited cgroup, as a
-// sender on this node sees its peer. IPv4 in addr[0], network order; port in host order.
-struct ps_peer_key {
-	__u32 addr[4];
-	__u16 port;
-	__u16 family;
-};
-
-// Value of ps_peers: the receiving cgroup's per-flow ingress share and when it was refreshed.
-struct ps_peer {
-	__u64 share; // L3 bytes/s
-	__u64 updated_ns;
+// Per-CPU counters of the rate option on this node, value of ps_node (one entry). Written by
+// both sock_ops programs, summed by the daemon for status and metrics.
+struct ps_node_stats {
+	// Receiver side: options written, and pure ACKs that could not carry one: no room left
+	// (-ENOSPC: SACK blocks and timestamps filled the 40 bytes) or another writer's option of
+	// the same kind and ExID already there (-EEXIST).
+	__u64 opt_written;
+	__u64 opt_no_room;
+	__u64 opt_exists;
+	// Sender side: rate options taken, "no limit" options taken, options of ours that were
+	// malformed (length, version, zero rate) and options on an ACK outside snd_una..snd_nxt
+	// (not an ACK of this connection's data: ignored).
+	__u64 opt_taken;
+	__u64 opt_lifted;
+	__u64 opt_malformed;
+	__u64 opt_outside;
 };
 
 #endif

@@ -1,13 +1,16 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 // Copyright (c) 2026 The podshaper authors
 //
-// sock_ops programs: pace each TCP flow of a limited cgroup at its share of the egress limit,
-// and each flow on this node toward an ingress-limited socket at that socket's share of the
-// ingress limit (SO_MAX_PACING_RATE; TCP paces internally without fq since 4.13). Clamping the
-// receive window instead was measured and made things worse (see docs/how-it-works.md).
+// sock_ops programs: pace each TCP flow of a limited cgroup at its share of the egress limit
+// (SO_MAX_PACING_RATE; TCP paces internally without fq since 4.13), and have receivers tell
+// their senders, wherever these run, what each flow may send: the rate option on pure ACKs
+// (rate_option.h, docs/rate-option.md), which the sender's node-level program reads and paces
+// to. Clamping the receive window instead was measured and made things worse (see
+// docs/how-it-works.md).
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <linux/tcp.h>
 #include "maps.h"
 
 #define PS_SOL_SOCKET 1
@@ -16,6 +19,8 @@
 #define PS_AF_INET6 10
 #define PS_UNLIMITED 0xffffffffU
 #define PS_SOL_TCP 6
+#define PS_EEXIST 17
+#define PS_ENOMSG 42
 #define PS_TCP_BPF_SNDCWND_CLAMP 1002
 // What TCP starts with (TCP_INFINITE_SSTHRESH): the clamp of a socket no longer paced.
 #define PS_NO_CLAMP 0x7fffffff
@@ -24,6 +29,8 @@
 #define PS_MIN_CLAMP 2
 // TCP header with the timestamp option, which Linux uses by default.
 #define PS_TCP_HDR 32
+// The ACK flag alone: a pure ACK (TCPHDR_ACK).
+#define PS_TCPHDR_ACK 0x10
 
 // Adds to the socket's callback flags: bpf_sock_ops_cb_flags_set() replaces them, and other
 // sock_ops programs on the socket (Cilium, tracers) keep the callbacks they asked for.
@@ -40,8 +47,7 @@ static __always_inline int ps_differs(__u64 a, __u64 b)
 	return diff > (b >> 5);
 }
 
-// Whether the peer is this host's loopback or the socket's own address: such traffic stays on
-// lo, which the cgroup_skb programs neither limit nor count, so it is not paced either.
+// The remote (r) and local (l) addresses of a socket, IPv4 ones v4-mapped.
 struct ps_addrs {
 	__u32 r[4];
 	__u32 l[4];
@@ -61,38 +67,25 @@ static __always_inline void ps_read_addrs(struct bpf_sock_ops *skops, struct ps_
 	a->l[3] = READ_ONCE(skops->local_ip6[3]);
 }
 
-// The peer's address and port as the ingress program of its cgroup keys it; v4-mapped IPv6
-// peers are keyed as IPv4. Returns whether the peer is this host's loopback or the socket's own
-// address: such traffic stays on lo, which the cgroup_skb programs neither limit nor count, so
-// it is not paced either.
-static __always_inline int ps_peer_of(struct bpf_sock_ops *skops, struct ps_peer_key *k)
+// Whether the peer is this host's loopback or the socket's own address (v4-mapped IPv6
+// included): such traffic stays on lo, which the cgroup_skb programs neither limit nor count,
+// so it is neither paced nor told a rate.
+static __always_inline int ps_local(struct bpf_sock_ops *skops)
 {
 	struct ps_addrs a;
 
-	__builtin_memset(k, 0, sizeof(*k));
-	k->port = bpf_ntohl(skops->remote_port);
 	if (skops->family == PS_AF_INET) {
 		__u32 r = skops->remote_ip4;
 
-		k->family = PS_AF_INET;
-		k->addr[0] = r;
 		return (r & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000) ||
 		       r == skops->local_ip4;
 	}
 	if (skops->family != PS_AF_INET6)
 		return 0;
 	ps_read_addrs(skops, &a);
-	if (!a.r[0] && !a.r[1] && a.r[2] == bpf_htonl(0xffff)) {
-		k->family = PS_AF_INET;
-		k->addr[0] = a.r[3];
+	if (!a.r[0] && !a.r[1] && a.r[2] == bpf_htonl(0xffff))
 		return (a.r[3] & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000) ||
 		       (a.r[3] == a.l[3] && a.l[2] == bpf_htonl(0xffff));
-	}
-	k->family = PS_AF_INET6;
-	k->addr[0] = a.r[0];
-	k->addr[1] = a.r[1];
-	k->addr[2] = a.r[2];
-	k->addr[3] = a.r[3];
 	if (!a.r[0] && !a.r[1] && !a.r[2] && a.r[3] == bpf_htonl(1))
 		return 1;
 	return a.r[0] == a.l[0] && a.r[1] == a.l[1] && a.r[2] == a.l[2] && a.r[3] == a.l[3];
@@ -139,19 +132,18 @@ static __always_inline void ps_clamp(struct bpf_sock_ops *skops, struct ps_flow 
 }
 
 // Paces the socket at the lower of its own cgroup's egress share (cg: the cgroup's state, NULL
-// in the node-level program) and its peer's ingress share when the peer is on this node.
+// in the node-level program) and the rate its peer's receiver asked for, while that is fresh.
+// `force`: apply even if the cgroup's program already did for this snd_una (a new option).
 // Returns whether the socket is paced.
 static __always_inline int ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup *cg,
-                                    struct ps_stats *st)
+                                    struct ps_stats *st, int force)
 {
 	struct bpf_sock *sk = skops->sk;
-	struct ps_peer_key key;
-	struct ps_peer *peer;
 	struct ps_flow *fl;
 	__u64 rate, share, target;
 	int val;
 
-	if (!sk || ps_peer_of(skops, &key))
+	if (!sk || ps_local(skops))
 		return 0;
 	fl = bpf_sk_storage_get(&ps_flows, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!fl)
@@ -159,7 +151,7 @@ static __always_inline int ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup
 	// The socket's own cgroup program already applied the same minimum for this ACK (it runs
 	// before the root's): the node-level program has nothing to add. A stale mark (that
 	// program detached) stops matching at the next ACK, which moves snd_una.
-	if (!cg && fl->handled_una == skops->snd_una && fl->applied)
+	if (!cg && !force && fl->handled_una == skops->snd_una && fl->applied)
 		return fl->applied != PS_UNLIMITED;
 	if (cg) {
 		rate = ps_rate(cg, PS_EGRESS);
@@ -172,9 +164,8 @@ static __always_inline int ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup
 		}
 	}
 	target = fl->egress ? fl->egress : PS_UNLIMITED;
-	peer = bpf_map_lookup_elem(&ps_peers, &key);
-	if (peer && bpf_ktime_get_ns() - READ_ONCE(peer->updated_ns) < PS_PEER_TTL_NS) {
-		share = ps_payload(skops, READ_ONCE(peer->share));
+	if (fl->remote && bpf_ktime_get_ns() - fl->remote_ns < PS_REMOTE_TTL_NS) {
+		share = ps_payload(skops, fl->remote);
 		if (share && share < target)
 			target = share;
 	}
@@ -197,49 +188,217 @@ static __always_inline int ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup
 	return target != PS_UNLIMITED;
 }
 
-// Hook: sockops (BPF_CGROUP_SOCK_OPS), attached with a bpf_link to each limited cgroup.
-// Always returns 1 (the return value is ignored except for reply-carrying ops).
-// Kernel 5.7 (links); SO_MAX_PACING_RATE from BPF since 4.13.
+static __always_inline struct ps_node_stats *ps_node_stats(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&ps_node, &zero);
+}
+
+// Receiver side, BPF_SOCK_OPS_HDR_OPT_LEN_CB: reserves room for the rate option on a pure ACK
+// and notes the value to write. cg is the socket's cgroup state in its own program, NULL in the
+// node-level one, which only sends "no limit" for sockets whose cgroup program is gone. Only
+// pure ACKs carry it: this callback also runs without a packet from tcp_current_mss(), where a
+// reservation would shrink every data segment, and an option on a data segment would make it
+// longer than the MSS.
+static __always_inline void ps_opt_len(struct bpf_sock_ops *skops, struct ps_cgroup *cg)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct ps_node_stats *ns;
+	struct ps_flow *fl;
+	__u64 rate, share;
+	__u32 value;
+
+	if (!sk || (skops->args[0] & BPF_WRITE_HDR_TCP_CURRENT_MSS) || skops->skb_len ||
+	    skops->skb_tcp_flags != PS_TCPHDR_ACK)
+		return;
+	fl = bpf_sk_storage_get(&ps_flows, sk, 0, cg ? BPF_SK_STORAGE_GET_F_CREATE : 0);
+	if (!fl)
+		return;
+	if (cg) {
+		fl->opt_rcv_nxt = skops->rcv_nxt;
+		rate = ps_rate(cg, PS_INGRESS);
+		if (rate) {
+			share = READ_ONCE(cg->dir[PS_INGRESS].share);
+			value = ps_opt_encode(share ? share : rate);
+			fl->opt_lapse = PS_OPT_LAPSE_ACKS;
+		} else if (fl->opt_lapse) {
+			value = ps_opt_none();
+			fl->opt_lapse--;
+		} else {
+			return;
+		}
+	} else {
+		// The cgroup's program looked at this ACK, or nothing is left to lift.
+		if (fl->opt_rcv_nxt == skops->rcv_nxt || !fl->opt_lapse)
+			return;
+		value = ps_opt_none();
+		fl->opt_lapse--;
+	}
+	if (bpf_reserve_hdr_opt(skops, PS_OPT_LEN, 0)) {
+		ns = ps_node_stats();
+		if (ns)
+			__sync_fetch_and_add(&ns->opt_no_room, 1);
+		return;
+	}
+	fl->opt_pending = value;
+}
+
+// Receiver side, BPF_SOCK_OPS_WRITE_HDR_OPT_CB: writes the option ps_opt_len() reserved room
+// for. Either program may write it; the first clears it.
+static __always_inline void ps_opt_write(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct ps_node_stats *ns;
+	struct ps_flow *fl;
+	__u8 opt[PS_OPT_LEN];
+	__u32 value;
+	long err;
+
+	if (!sk)
+		return;
+	fl = bpf_sk_storage_get(&ps_flows, sk, 0, 0);
+	if (!fl || !fl->opt_pending)
+		return;
+	value = fl->opt_pending;
+	fl->opt_pending = 0;
+	opt[0] = PS_OPT_KIND;
+	opt[1] = PS_OPT_LEN;
+	opt[2] = PS_OPT_EXID >> 8;
+	opt[3] = PS_OPT_EXID & 0xff;
+	opt[4] = value >> 24;
+	opt[5] = value >> 16;
+	opt[6] = value >> 8;
+	opt[7] = value;
+	err = bpf_store_hdr_opt(skops, opt, sizeof(opt), 0);
+	ns = ps_node_stats();
+	if (!ns)
+		return;
+	if (!err)
+		__sync_fetch_and_add(&ns->opt_written, 1);
+	else if (err == -PS_EEXIST)
+		__sync_fetch_and_add(&ns->opt_exists, 1);
+	else
+		__sync_fetch_and_add(&ns->opt_no_room, 1);
+}
+
+// Sender side, BPF_SOCK_OPS_PARSE_HDR_OPT_CB (a segment carrying an option the kernel does not
+// know): takes the rate of our option and re-paces the socket at once. Runs after the PAWS
+// and sequence checks but before tcp_ack() validates the ACK, so an ACK outside
+// snd_una..snd_nxt is ignored (counted); so is a malformed option (counted).
+static __always_inline void ps_opt_parse(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct tcphdr *th = skops->skb_data;
+	struct ps_node_stats *ns = ps_node_stats();
+	struct ps_flow *fl;
+	__u8 opt[PS_OPT_LEN] = {PS_OPT_KIND, 4, PS_OPT_EXID >> 8, PS_OPT_EXID & 0xff};
+	__u64 rate = 0;
+	__u32 value;
+	long n;
+	int what;
+
+	if (!sk || !ns)
+		return;
+	// Search by kind and ExID; a match longer than our buffer is -ENOSPC.
+	n = bpf_load_hdr_opt(skops, opt, sizeof(opt), 0);
+	if (n == -PS_ENOMSG)
+		return; // someone else's option
+	value = ((__u32)opt[4] << 24) | ((__u32)opt[5] << 16) | ((__u32)opt[6] << 8) | opt[7];
+	what = n == PS_OPT_LEN ? ps_opt_decode(value, &rate) : PS_OPT_BAD;
+	if (what == PS_OPT_BAD) {
+		__sync_fetch_and_add(&ns->opt_malformed, 1);
+		return;
+	}
+	if ((void *)(th + 1) > skops->skb_data_end || !th->ack ||
+	    !ps_ack_in_window(bpf_ntohl(th->ack_seq), skops->snd_una, skops->snd_nxt)) {
+		__sync_fetch_and_add(&ns->opt_outside, 1);
+		return;
+	}
+	fl = bpf_sk_storage_get(&ps_flows, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!fl)
+		return;
+	if (what == PS_OPT_LIFTED) {
+		__sync_fetch_and_add(&ns->opt_lifted, 1);
+		if (!fl->remote)
+			return;
+		fl->remote = 0;
+	} else {
+		__sync_fetch_and_add(&ns->opt_taken, 1);
+		fl->remote_ns = bpf_ktime_get_ns();
+		if (fl->remote == rate)
+			return;
+		// RTT callbacks re-apply on later ACKs and let the rate lapse when options stop.
+		if (!fl->remote)
+			ps_want_callbacks(skops, BPF_SOCK_OPS_RTT_CB_FLAG);
+		fl->remote = rate;
+	}
+	ps_apply(skops, NULL, NULL, 1);
+}
+
+// Hook: sockops (BPF_CGROUP_SOCK_OPS), attached with a bpf_link to each limited cgroup. Paces
+// the cgroup's TCP flows at their egress share and writes the rate option on their pure ACKs
+// while the cgroup has an ingress limit. Always returns 1 (the return value is ignored except
+// for reply-carrying ops). Kernel 5.7 (links), 5.10 (header options).
 SEC("sockops")
 int ps_sockops(struct bpf_sock_ops *skops)
 {
 	struct ps_cgroup *cg = bpf_get_local_storage(&ps_cgroups, 0);
 	struct ps_stats *st = bpf_get_local_storage(&ps_stats, 0);
-	struct ps_peer_key key;
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		if (ps_peer_of(skops, &key))
+		if (ps_local(skops))
 			break;
-		// RTT callbacks re-apply the share on every ACK a sender gets.
-		ps_want_callbacks(skops, BPF_SOCK_OPS_RTT_CB_FLAG);
-		ps_apply(skops, cg, st);
+		// RTT callbacks re-apply the share on every ACK a sender gets; the header-option
+		// callbacks let a receiver write its rate, also when its ingress limit comes
+		// later. A child socket inherits its listener's flags, but a listener opened before
+		// the limit never got them: set them here, not in TCP_LISTEN_CB.
+		ps_want_callbacks(skops,
+		                  BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+		ps_apply(skops, cg, st, 0);
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
-		ps_apply(skops, cg, st);
+		ps_apply(skops, cg, st, 0);
+		break;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+		ps_opt_len(skops, cg);
+		break;
+	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:
+		ps_opt_write(skops);
 		break;
 	}
 	return 1;
 }
 
-// Hook: sockops, attached with a bpf_link to the cgroup v2 root while some cgroup has an
-// ingress limit. Paces senders on this node toward sockets of ingress-limited cgroups (found
-// in ps_peers), so that ingress is shaped at the source without drops. Sockets of limited
-// cgroups run ps_sockops too; both apply the same minimum through ps_flows. Always returns 1.
+// Hook: sockops, attached with a bpf_link to the node's cgroup root (the cgroup v2 root, or
+// --cgroup-root) for as long as the daemon runs, unless --no-peer-pacing. Sender side: asks
+// every TCP connection of the node to show it options the kernel does not know, and paces a
+// flow at the rate its receiver's option carries (the minimum with its own cgroup's egress
+// share, which ps_sockops applies the same way through ps_flows); connections that never get
+// one cost one callback at establishment. Receiver side: sends "no limit" for sockets whose
+// cgroup program went away while their sender was paced. Always returns 1. Kernel 5.10.
 SEC("sockops")
-int ps_peer_ops(struct bpf_sock_ops *skops)
+int ps_node_ops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		// Only flows toward a limited peer get RTT callbacks: the rest of the node pays
-		// one hash lookup per connection.
-		if (ps_apply(skops, NULL, NULL))
-			ps_want_callbacks(skops, BPF_SOCK_OPS_RTT_CB_FLAG);
+		if (!ps_local(skops))
+			ps_want_callbacks(skops, BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
+		ps_opt_parse(skops);
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
-		ps_apply(skops, NULL, NULL);
+		ps_apply(skops, NULL, NULL, 0);
+		break;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+		ps_opt_len(skops, NULL);
+		break;
+	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:
+		ps_opt_write(skops);
 		break;
 	}
 	return 1;

@@ -2,7 +2,7 @@
 //! writes map memory; the tests below compare every layout with what the C compiler says.
 
 /// Version of the pinned-state layout; pins live under `<bpffs root>/v<ABI_VERSION>`.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// `PS_FLOW_EPOCHS`: epochs over which a flow counts as active.
 pub const FLOW_EPOCHS: usize = 4;
@@ -88,27 +88,48 @@ impl Stats {
 pub struct Flow {
     pub applied: u64,
     pub egress: u64,
-    pub published: u64,
+    pub remote: u64,
+    pub remote_ns: u64,
     pub epoch: [u32; 2],
     pub clamp: u32,
     pub handled_una: u32,
+    pub opt_pending: u32,
+    pub opt_rcv_nxt: u32,
+    pub opt_lapse: u32,
+    pub pad: u32,
 }
 
-/// `struct ps_peer_key`: an ingress-limited socket's address and port.
+/// `struct ps_node_stats`: one CPU's rate-option counters of the node (see podshaper.h).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PeerKey {
-    pub addr: [u32; 4],
-    pub port: u16,
-    pub family: u16,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Receiver side: rate options written on pure ACKs.
+    pub opt_written: u64,
+    /// Receiver side: pure ACKs with no room left for the option (SACK blocks, other options).
+    pub opt_no_room: u64,
+    /// Receiver side: pure ACKs that already carried another writer's option of our kind and ExID.
+    pub opt_exists: u64,
+    /// Sender side: rate options taken.
+    pub opt_taken: u64,
+    /// Sender side: "no limit" options taken.
+    pub opt_lifted: u64,
+    /// Sender side: options of ours that were malformed, ignored.
+    pub opt_malformed: u64,
+    /// Sender side: options on an ACK outside snd_una..snd_nxt, ignored.
+    pub opt_outside: u64,
 }
 
-/// `struct ps_peer`: that socket's per-flow ingress share.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Peer {
-    pub share: u64,
-    pub updated_ns: u64,
+impl NodeStats {
+    /// Adds another CPU's counters to these.
+    pub fn add(&mut self, o: &NodeStats) {
+        self.opt_written += o.opt_written;
+        self.opt_no_room += o.opt_no_room;
+        self.opt_exists += o.opt_exists;
+        self.opt_taken += o.opt_taken;
+        self.opt_lifted += o.opt_lifted;
+        self.opt_malformed += o.opt_malformed;
+        self.opt_outside += o.opt_outside;
+    }
 }
 
 #[cfg(test)]
@@ -130,9 +151,13 @@ mod tests {
         assert_eq!(size_of::<Cgroup>(), c::SIZE_ps_cgroup);
         assert_eq!(size_of::<Stats>(), c::SIZE_ps_stats);
         assert_eq!(size_of::<Flow>(), c::SIZE_ps_flow);
-        assert_eq!(size_of::<PeerKey>(), c::SIZE_ps_peer_key);
-        assert_eq!(size_of::<Peer>(), c::SIZE_ps_peer);
-        assert_eq!(offset_of!(PeerKey, port), c::OFF_ps_peer_key_port);
+        assert_eq!(size_of::<NodeStats>(), c::SIZE_ps_node_stats);
+        assert_eq!(offset_of!(Flow, remote), c::OFF_ps_flow_remote);
+        assert_eq!(offset_of!(Flow, opt_pending), c::OFF_ps_flow_opt_pending);
+        assert_eq!(
+            offset_of!(NodeStats, opt_outside),
+            c::OFF_ps_node_stats_opt_outside
+        );
         assert_eq!(offset_of!(Config, generation), c::OFF_ps_config_generation);
         assert_eq!(offset_of!(DirState, share), c::OFF_ps_dir_state_share);
         assert_eq!(offset_of!(DirState, epoch), c::OFF_ps_dir_state_epoch);

@@ -18,7 +18,7 @@ use podshaper_api::{
 use tracing::{debug, info, instrument};
 
 use crate::{
-    abi::{self, Cgroup, Config, Stats},
+    abi::{self, Cgroup, Config, NodeStats, Stats},
     cgroup::{self, CgroupDir},
     pins::{self, Pins},
     sys, Error,
@@ -58,13 +58,16 @@ pub struct Datapath {
     cgroup_skb: Ebpf,
     cgroups: MapData,
     stats: MapData,
+    node: MapData,
     ncpus: usize,
 }
 
 impl Datapath {
-    /// Loads the programs, creating or adopting the pinned maps under `pins`. `mount` is the
-    /// cgroup v2 hierarchy's root, where the peer-pacing program attaches (in a container, the
-    /// host's hierarchy at its bind mount, not the first cgroup2 mount the container sees).
+    /// Loads the programs, creating or adopting the pinned maps under `pins`, and attaches the
+    /// node-level program (sender pacing, see [`Datapath::set_peer_pacing`]). `mount` is the
+    /// node's cgroup root: the cgroup v2 hierarchy's root (in a container, the host's
+    /// hierarchy at its bind mount, not the first cgroup2 mount the container sees), or a
+    /// subtree standing in for a node in a lab.
     ///
     /// State pinned by an older ABI version is migrated (see [`Datapath::migrate`]); state of
     /// a newer one is refused.
@@ -72,6 +75,12 @@ impl Datapath {
     /// The kernel is probed first ([`crate::features`]): a kernel without what the programs
     /// use is refused with the list of what is missing (mainline 5.9 has it all).
     pub fn load(pins: Pins, mount: PathBuf) -> Result<Self, Error> {
+        Self::load_with(pins, mount, true)
+    }
+
+    /// [`Datapath::load`] with peer pacing on or off from the start (see
+    /// [`Datapath::set_peer_pacing`]).
+    pub fn load_with(pins: Pins, mount: PathBuf, peer_pacing: bool) -> Result<Self, Error> {
         crate::features::check()?;
         let older = pins.prepare()?;
         let maps_dir = pins.maps();
@@ -86,7 +95,7 @@ impl Datapath {
         };
         let mut sock_ops = load("sock_ops.bpf.o", SOCK_OPS_OBJ)?;
         let mut cgroup_skb = load("cgroup_skb.bpf.o", CGROUP_SKB_OBJ)?;
-        for name in ["ps_sockops", "ps_peer_ops"] {
+        for name in ["ps_sockops", "ps_node_ops"] {
             program::<SockOps>(&mut sock_ops, name)?
                 .load()
                 .map_err(|e| prog_err(&format!("load {name}"), e))?;
@@ -98,6 +107,7 @@ impl Datapath {
         }
         let cgroups = open_pinned(&maps_dir.join("ps_cgroups"))?;
         let stats = open_pinned(&maps_dir.join("ps_stats"))?;
+        let node = open_pinned(&maps_dir.join("ps_node"))?;
         let ncpus = aya::util::nr_cpus().map_err(|(what, source)| Error::Io {
             what: format!("read {what}"),
             source,
@@ -105,13 +115,17 @@ impl Datapath {
         let mut datapath = Self {
             pins,
             mount,
-            peer_pacing: true,
+            peer_pacing,
             sock_ops,
             cgroup_skb,
             cgroups,
             stats,
+            node,
             ncpus,
         };
+        // Before the migration: senders on this node stay paced while the old version's
+        // node-level program goes.
+        datapath.sync_node_link()?;
         for version in older {
             let old = datapath.pins.of_version(version);
             datapath.migrate(&old)?;
@@ -164,16 +178,34 @@ impl Datapath {
         pins::remove_tree(&old.versioned())
     }
 
-    /// Whether senders on this node are paced toward ingress-limited sockets (on by default).
-    /// Off, ingress is only policed: what senders on other nodes see. Applies from the next
-    /// change of limits.
-    pub fn set_peer_pacing(&mut self, on: bool) {
+    /// Whether this node's TCP senders are paced at the rates their receivers' rate options
+    /// ask for (on by default): the node-level program on the node's cgroup root. Off, this
+    /// node's senders ignore the option, and a limited receiver elsewhere (or here) can only
+    /// police them. Receivers in limited cgroups write the option either way.
+    pub fn set_peer_pacing(&mut self, on: bool) -> Result<(), Error> {
         self.peer_pacing = on;
+        self.sync_node_link()
     }
 
-    /// Whether senders on this node are paced toward ingress-limited sockets.
+    /// Whether this node's senders are paced at their receivers' rates.
     pub fn peer_pacing(&self) -> bool {
         self.peer_pacing
+    }
+
+    /// The node's rate-option counters, summed over CPUs.
+    pub fn node_stats(&self) -> Result<NodeStats, Error> {
+        let stride = std::mem::size_of::<NodeStats>().div_ceil(8) * 8;
+        let mut buf = vec![0u8; stride * self.ncpus];
+        // The array's u32 key 0: the kernel reads the first 4 bytes of a zero u64.
+        sys::lookup(self.node.fd().as_fd(), 0, &mut buf, 0).map_err(|source| Error::Map {
+            what: "read the node's option counters".into(),
+            source,
+        })?;
+        let mut stats = NodeStats::default();
+        for cpu in buf.chunks_exact(stride) {
+            stats.add(&sys::from_bytes::<NodeStats>(cpu));
+        }
+        Ok(stats)
     }
 
     /// The pinned-state tree this datapath uses.
@@ -215,30 +247,22 @@ impl Datapath {
             source,
         })?;
         debug!(?limits, generation = value.config.generation, "limits written");
-        self.sync_peer_link()
+        Ok(())
     }
 
-    // Attaches the node-level sender pacing while some cgroup has an ingress limit, and
-    // detaches it when none has: nodes without ingress limits pay nothing for it.
-    fn sync_peer_link(&mut self) -> Result<(), Error> {
-        let mut want = false;
-        if self.peer_pacing {
-            for id in self.limited()? {
-                if self.state(id)?.is_some_and(|s| s.limits.ingress.is_some()) {
-                    want = true;
-                    break;
-                }
-            }
-        }
-        let path = self.pins.peer_link();
-        match (want, path.exists()) {
+    // Attaches the node-level program to the node's cgroup root while peer pacing is on, and
+    // detaches it when off. It is attached whether or not any cgroup here is limited: it
+    // paces this node's senders toward limited receivers on any node.
+    fn sync_node_link(&mut self) -> Result<(), Error> {
+        let path = self.pins.node_link();
+        match (self.peer_pacing, path.exists()) {
             (true, false) => {
                 let root = File::open(&self.mount).map_err(|source| Error::Io {
                     what: format!("open {}", self.mount.display()),
                     source,
                 })?;
-                let what = format!("attach ps_peer_ops to {}", self.mount.display());
-                let p = program::<SockOps>(&mut self.sock_ops, "ps_peer_ops")?;
+                let what = format!("attach ps_node_ops to {}", self.mount.display());
+                let p = program::<SockOps>(&mut self.sock_ops, "ps_node_ops")?;
                 let id = p
                     .attach(root.as_fd(), CgroupAttachMode::Single)
                     .map_err(|e| prog_err(&what, e))?;
@@ -326,8 +350,7 @@ impl Datapath {
     /// Detaches everything podshaper attached to a cgroup (a no-op if nothing is).
     #[instrument(skip(self))]
     pub fn remove(&mut self, id: u64) -> Result<(), Error> {
-        pins::remove_tree(&self.pins.cgroup_links(id))?;
-        self.sync_peer_link()
+        pins::remove_tree(&self.pins.cgroup_links(id))
     }
 
     /// Ids of the cgroups with pinned links.

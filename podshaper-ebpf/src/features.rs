@@ -59,8 +59,8 @@ const fn helper(name: &'static str, since: &'static str, t: ProgramType, h: BpfH
 
 /// Everything sock_ops.bpf.c and cgroup_skb.bpf.c use, in the order a kernel gained them.
 pub const FEATURES: &[Feature] = &[
+    map("map type per-CPU array", "4.6", MapType::PerCpuArray),
     program("program type cgroup_skb", "4.10", ProgramType::CgroupSkb),
-    map("map type LRU hash", "4.10", MapType::LruHash),
     program("program type sock_ops", "4.13", ProgramType::SockOps),
     helper(
         "bpf_setsockopt in sock_ops",
@@ -121,6 +121,24 @@ pub const FEATURES: &[Feature] = &[
         since: "5.9",
         check: Check::SharedCgroupStorage,
     },
+    helper(
+        "bpf_reserve_hdr_opt in sock_ops (TCP header options)",
+        "5.10",
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_reserve_hdr_opt,
+    ),
+    helper(
+        "bpf_store_hdr_opt in sock_ops",
+        "5.10",
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_store_hdr_opt,
+    ),
+    helper(
+        "bpf_load_hdr_opt in sock_ops",
+        "5.10",
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_load_hdr_opt,
+    ),
 ];
 
 /// Probes this kernel for every feature; the error names each one missing.
@@ -251,7 +269,7 @@ mod tests {
     #[test]
     fn a_probe_that_cannot_answer_is_an_error_of_its_own() {
         let err = check_with(|f| {
-            if f.name.contains("LRU") {
+            if f.name.contains("per-CPU array") {
                 Err("Operation not permitted".into())
             } else {
                 Ok(true)
@@ -260,7 +278,7 @@ mod tests {
         .expect_err("the probe failed");
         assert_eq!(
             err.to_string(),
-            "probe for map type LRU hash: Operation not permitted"
+            "probe for map type per-CPU array: Operation not permitted"
         );
     }
 }

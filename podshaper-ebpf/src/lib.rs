@@ -8,6 +8,7 @@ mod controller;
 mod datapath;
 pub mod features;
 pub mod pins;
+mod rate_option;
 mod sys;
 
 pub use datapath::{reset, CgroupState, Datapath};

@@ -2,13 +2,13 @@
 //! /sys/fs/bpf/podshaper):
 //!
 //! ```text
-//! v2/maps/{ps_cgroups,ps_stats,ps_flows,ps_peers} maps, pinned by name by the loader
-//! v2/links/<cgroup id>/{sockops,egress,ingress}    one bpf_link per hook per limited cgroup
-//! v2/peer                                         sock_ops on the cgroup v2 root, while some
-//!                                                 cgroup has an ingress limit
+//! v3/maps/{ps_cgroups,ps_stats,ps_flows,ps_node} maps, pinned by name by the loader
+//! v3/links/<cgroup id>/{sockops,egress,ingress}   one bpf_link per hook per limited cgroup
+//! v3/node                                        sock_ops on the node's cgroup root (sender
+//!                                                pacing), unless --no-peer-pacing
 //! ```
 //!
-//! `v2` is the ABI version: a daemon adopts pins of its own version, migrates older ones
+//! `v3` is the ABI version: a daemon adopts pins of its own version, migrates older ones
 //! (`Datapath::load`) and refuses newer ones.
 use std::{
     fs, io,
@@ -76,9 +76,9 @@ impl Pins {
         self.versioned().join("links")
     }
 
-    /// The node-level link that paces senders toward ingress-limited sockets.
-    pub fn peer_link(&self) -> PathBuf {
-        self.versioned().join("peer")
+    /// The node-level link that paces this node's senders at their receivers' rates.
+    pub fn node_link(&self) -> PathBuf {
+        self.versioned().join("node")
     }
 
     /// Directory of one cgroup's links.

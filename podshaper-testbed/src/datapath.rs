@@ -1,5 +1,7 @@
-//! A podshaper datapath loaded against a private bpffs directory, for tests and benches that
-//! must not touch the node's real state. Everything it pinned is removed on drop.
+//! A podshaper datapath loaded against a private bpffs directory and a cgroup subtree of its
+//! own standing in for a node, for tests and benches that must not touch the node's real state.
+//! Two of them are two nodes on one kernel: each node-level program sees only its subtree's
+//! sockets. Everything it pinned is removed on drop.
 use std::{
     ops::{Deref, DerefMut},
     path::{Path, PathBuf},
@@ -7,16 +9,18 @@ use std::{
 
 use podshaper_ebpf::{pins::Pins, Datapath};
 
-use crate::{unique_name, Error};
+use crate::{unique_name, Cgroup, Error};
 
 /// Parent of the private pin directories (the usual bpffs mount).
 pub const BPFFS: &str = "/sys/fs/bpf";
 
-/// A [`Datapath`] pinned under `/sys/fs/bpf/<label>-ps<pid>-<n>`; `reset` on drop detaches
-/// every link and unpins the maps.
+/// A [`Datapath`] pinned under `/sys/fs/bpf/<label>-ps<pid>-<n>`, its node-level program on a
+/// new cgroup (the "node"); `reset` on drop detaches every link and unpins the maps, then the
+/// node's cgroup is removed (drop the pods made in it first).
 pub struct TempDatapath {
     datapath: Datapath,
     root: PathBuf,
+    node: Cgroup,
 }
 
 impl TempDatapath {
@@ -30,8 +34,9 @@ impl TempDatapath {
     pub fn load_version(label: &str, version: u32) -> Result<Self, Error> {
         let root = Path::new(BPFFS).join(format!("{label}-{}", unique_name("")));
         let pins = Pins::new(&root).of_version(version);
-        match Datapath::load(pins, podshaper_ebpf::cgroup::cgroup2_mount()?) {
-            Ok(datapath) => Ok(Self { datapath, root }),
+        let node = Cgroup::new(&format!("{label}-node"))?;
+        match Datapath::load(pins, node.path().to_path_buf()) {
+            Ok(datapath) => Ok(Self { datapath, root, node }),
             Err(e) => {
                 // Load may have pinned maps before failing.
                 let _ = podshaper_ebpf::reset(&root);
@@ -43,6 +48,16 @@ impl TempDatapath {
     /// The private pin directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The node's cgroup: its node-level program sees the sockets of the cgroups below it.
+    pub fn node(&self) -> &Cgroup {
+        &self.node
+    }
+
+    /// A new cgroup on this node (a pod's).
+    pub fn pod(&self, label: &str) -> Result<Cgroup, Error> {
+        Cgroup::new_in(self.node.path(), label)
     }
 }
 

@@ -34,8 +34,9 @@ enum Command {
         /// bpffs directory for podshaper's pinned programs, maps and links.
         #[arg(long, env = "PODSHAPER_BPFFS", default_value = DEFAULT_ROOT)]
         bpffs: PathBuf,
-        /// Do not pace senders on this node toward ingress-limited cgroups (a sock_ops
-        /// program on the cgroup v2 root); ingress is then only policed.
+        /// Do not pace this node's TCP senders at the rates limited receivers ask for in
+        /// their rate option (a sock_ops program on the cgroup root); receivers limited
+        /// elsewhere can then only police them.
         #[arg(long, env = "PODSHAPER_NO_PEER_PACING")]
         no_peer_pacing: bool,
         /// Where the cgroup v2 hierarchy is mounted; found in /proc/self/mountinfo if not given.
@@ -133,7 +134,8 @@ struct AgentArgs {
     /// bpffs directory for podshaper's pinned programs, maps and links.
     #[arg(long, env = "PODSHAPER_BPFFS", default_value = DEFAULT_ROOT)]
     bpffs: PathBuf,
-    /// Do not pace senders on this node toward ingress-limited pods.
+    /// Do not pace this node's TCP senders at the rates limited receivers ask for in their
+    /// rate option; pods limited elsewhere can then only police them.
     #[arg(long, env = "PODSHAPER_NO_PEER_PACING")]
     no_peer_pacing: bool,
 }
