@@ -48,9 +48,10 @@ struct Args {
     /// Skip the overhead rows.
     #[arg(long)]
     no_overhead: bool,
-    /// Run only the cases whose progress label contains TEXT, e.g. "ingress tcp bbr x8".
-    #[arg(long, value_name = "TEXT")]
-    filter: Option<String>,
+    /// Run only the cases whose progress label contains TEXT, e.g. "ingress tcp bbr x8"
+    /// (repeat or separate with commas: any of them).
+    #[arg(long, value_name = "TEXT", value_delimiter = ',')]
+    filter: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -84,10 +85,35 @@ impl Dir {
     }
 }
 
+/// Where the process that sends to the pod runs (ingress only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sender {
+    /// On the pod's node (egress rows and TBF rows too: there it makes no difference).
+    ThisNode,
+    /// On a second node: a datapath and cgroup subtree of its own, whose node-level program
+    /// never sees the pod's sockets.
+    OtherNode,
+    /// On a node without podshaper: a cgroup outside both nodes, no program on its path.
+    NoPodshaper,
+}
+
+impl Sender {
+    fn name(self, shaper: Shaper, dir: Dir) -> &'static str {
+        match (dir, self) {
+            (Dir::Egress, _) => "-",
+            (_, _) if shaper == Shaper::TbfCni => "any",
+            (_, Sender::ThisNode) => "this node",
+            (_, Sender::OtherNode) => "other node",
+            (_, Sender::NoPodshaper) => "no podshaper",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Case {
     shaper: Shaper,
     dir: Dir,
+    sender: Sender,
     /// TCP congestion control, or None for UDP.
     cc: Option<&'static str>,
     flows: u32,
@@ -104,8 +130,13 @@ impl Case {
     }
 
     fn label(&self) -> String {
+        let from = match (self.dir, self.sender) {
+            (Dir::Ingress, Sender::OtherNode) => " from-other-node",
+            (Dir::Ingress, Sender::NoPodshaper) => " from-no-podshaper",
+            _ => "",
+        };
         format!(
-            "{} {} {} {} x{} {}",
+            "{} {}{from} {} {} x{} {}",
             self.shaper.name(),
             self.dir.name(),
             self.proto(),
@@ -165,6 +196,12 @@ fn run(args: Args) -> Result<()> {
     } else {
         None
     };
+    // The second node, for senders on another node.
+    let remote = if cases.iter().any(|c| c.sender == Sender::OtherNode) {
+        Some(TempDatapath::load("podshaper-bench-remote").context("load the second node's datapath")?)
+    } else {
+        None
+    };
     let started = Instant::now();
     let info = RunInfo::collect()?;
     let method = method(&args, secs);
@@ -176,6 +213,7 @@ fn run(args: Args) -> Result<()> {
     let mut results = Table::new([
         "shaper",
         "direction",
+        "sender",
         "proto",
         "cc",
         "flows",
@@ -192,15 +230,22 @@ fn run(args: Args) -> Result<()> {
         }
         eprint!("[{}/{}] {} ... ", i + 1, cases.len(), case.label());
         let t0 = Instant::now();
-        let row = match run_case(&pair, datapath.as_mut(), case, secs, args.tbf_burst) {
+        let row = match run_case(
+            &pair,
+            datapath.as_mut(),
+            remote.as_ref(),
+            case,
+            secs,
+            args.tbf_burst,
+        ) {
             Ok((m, note)) => {
                 let row = row(case, &m);
                 let sent = m.report.sent_bps / case.target as f64;
                 eprintln!(
-                    "achieved {} worst {} retx/loss {} sent {sent:.2}{note} [{:.1} s]",
-                    row[6],
+                    "steady {} worst {} retx/loss {} sent {sent:.2}{note} [{:.1} s]",
                     row[9],
                     row[10],
+                    row[11],
                     t0.elapsed().as_secs_f64()
                 );
                 row
@@ -265,16 +310,27 @@ fn matrix(args: &Args) -> Vec<Case> {
         )
     };
     let mut cases = Vec::new();
-    // Both shapers of one configuration on adjacent rows, to read them side by side.
-    let mut push = |dir, cc, flows, target| {
+    // Both shapers of one configuration on adjacent rows, to read them side by side; ingress
+    // TCP up to 1G also from a sender on another node and from one without podshaper (TBF
+    // does not care where the sender is: one row).
+    let mut push = |dir, cc: Option<&'static str>, flows, target| {
         for &shaper in &args.shaper {
-            cases.push(Case {
-                shaper,
-                dir,
-                cc,
-                flows,
-                target,
-            });
+            let senders: &[Sender] = match (shaper, dir, cc) {
+                (Shaper::Podshaper, Dir::Ingress, Some(_)) if target <= G => {
+                    &[Sender::ThisNode, Sender::OtherNode, Sender::NoPodshaper]
+                }
+                _ => &[Sender::ThisNode],
+            };
+            for &sender in senders {
+                cases.push(Case {
+                    shaper,
+                    dir,
+                    sender,
+                    cc,
+                    flows,
+                    target,
+                });
+            }
         }
     };
     for &target in tcp_targets {
@@ -291,11 +347,7 @@ fn matrix(args: &Args) -> Vec<Case> {
             }
         }
     }
-    cases.retain(|c| {
-        args.filter
-            .as_ref()
-            .is_none_or(|f| c.label().contains(f.as_str()))
-    });
+    cases.retain(|c| args.filter.is_empty() || args.filter.iter().any(|f| c.label().contains(f.as_str())));
     cases
 }
 
@@ -311,11 +363,11 @@ struct Measured {
 fn run_case(
     pair: &NetnsPair,
     datapath: Option<&mut TempDatapath>,
+    remote: Option<&TempDatapath>,
     case: &Case,
     secs: u32,
     tbf_burst: u64,
 ) -> Result<(Measured, String)> {
-    let cg = Cgroup::new("bench")?;
     let limit = Some(case.target);
     let traffic = match case.cc {
         Some(cc) => Traffic::Tcp {
@@ -337,17 +389,27 @@ fn run_case(
     };
     match case.shaper {
         Shaper::TbfCni => {
+            let cg = Cgroup::new("bench")?;
             let _tbf = Tbf::add(pair, limit, limit, tbf_burst).context("bandwidth plugin ADD")?;
-            let m = measure(pair, &cg, &client, case.dir)?;
+            let m = measure(pair, &cg, None, &client, case.dir)?;
             Ok((m, String::new()))
         }
         Shaper::Podshaper => {
             let Some(dp) = datapath else {
                 bail!("datapath not loaded")
             };
+            let cg = dp.pod("bench")?;
+            let peer = match case.sender {
+                Sender::ThisNode => Some(dp.pod("bench-peer")?),
+                Sender::OtherNode => match remote {
+                    Some(r) => Some(r.pod("bench-remote")?),
+                    None => bail!("the second node is not loaded"),
+                },
+                Sender::NoPodshaper => None,
+            };
             dp.set(&cg.dir()?, Limits::from_bps(limit, limit)?)
                 .context("set limits")?;
-            let report = measure(pair, &cg, &client, case.dir);
+            let report = measure(pair, &cg, peer.as_ref(), &client, case.dir);
             let note = match dp.state(cg.id()) {
                 Ok(Some(s)) => {
                     let d = if case.dir == Dir::Egress { 0 } else { 1 };
@@ -364,10 +426,16 @@ fn run_case(
     }
 }
 
-/// One iperf3 test: the server in B, the client in A inside `cg`; the receiving namespace's IP
-/// counter is sampled every 100 ms meanwhile.
-fn measure(pair: &NetnsPair, cg: &Cgroup, client: &ClientOptions, dir: Dir) -> Result<Measured> {
-    let _server = IperfServer::start(pair.b(), None, &ServerOptions::default())?;
+/// One iperf3 test: the server in B (in cgroup `server`, if given), the client in A inside
+/// `cg`; the receiving namespace's IP counter is sampled every 100 ms meanwhile.
+fn measure(
+    pair: &NetnsPair,
+    cg: &Cgroup,
+    server: Option<&Cgroup>,
+    client: &ClientOptions,
+    dir: Dir,
+) -> Result<Measured> {
+    let _server = IperfServer::start(pair.b(), server, &ServerOptions::default())?;
     let receiver = if dir == Dir::Egress { pair.b() } else { pair.a() };
     let sampler = InOctetsSampler::start(receiver, Duration::from_millis(100))?;
     let t0 = Instant::now();
@@ -399,6 +467,7 @@ fn row_head(case: &Case) -> Vec<String> {
     vec![
         case.shaper.name().into(),
         case.dir.name().into(),
+        case.sender.name(case.shaper, case.dir).into(),
         case.proto().into(),
         case.cc.unwrap_or("-").into(),
         case.flows.to_string(),
@@ -446,17 +515,17 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
         "egress ns/run",
         "ingress ns/run",
         "sock_ops ns/run",
-        "peer sock_ops ns/run",
+        "node sock_ops ns/run",
     ]);
-    // The node-level sender pacing (attached to the cgroup v2 root while an ingress limit
-    // exists) runs for the same sockets: its cost counts too.
-    let root = podshaper_ebpf::cgroup::cgroup2_mount()?;
+    // The node-level program (on the node's cgroup, always attached) runs for the pod's
+    // sockets and for the peer's, which is on the same node here: its cost counts too.
+    let node = dp.node().path().to_path_buf();
     let programs = |cg: &Cgroup| -> Result<Vec<ProgStats>> {
         let mut all = bpf_stats::cgroup_programs(cg.path())?;
         all.extend(
-            bpf_stats::cgroup_programs(&root)?
+            bpf_stats::cgroup_programs(&node)?
                 .into_iter()
-                .filter(|p| p.name == "ps_peer_ops"),
+                .filter(|p| p.name == "ps_node_ops"),
         );
         Ok(all)
     };
@@ -482,12 +551,14 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
             let limits = Limits::from_bps(Some(HIGH_LIMIT), Some(HIGH_LIMIT))?;
             // Alternating runs, median of each: a shared machine drifts by tens of percent.
             let (mut base, mut shaped) = (Vec::new(), Vec::new());
+            let peer = dp.pod("bench-peer")?;
             for _ in 0..OVERHEAD_RUNS {
+                // The baseline is off the node: no program at all on its path.
                 let cg = Cgroup::new("bench-base")?;
-                base.push(costed(pair, &cg, &client, dir)?);
-                let cg = Cgroup::new("bench-high")?;
+                base.push(costed(pair, &cg, None, &client, dir)?);
+                let cg = dp.pod("bench-high")?;
                 dp.set(&cg.dir()?, limits)?;
-                let r = costed(pair, &cg, &client, dir);
+                let r = costed(pair, &cg, Some(&peer), &client, dir);
                 dp.remove(cg.id())?;
                 shaped.push(r?);
             }
@@ -498,13 +569,13 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
                 median_of(&base, |c| c.ms_per_gb),
                 median_of(&shaped, |c| c.ms_per_gb),
             );
-            let (egress, ingress, sockops, peer, share) = {
-                let cg = Cgroup::new("bench-stats")?;
+            let (egress, ingress, sockops, node_ops, share) = {
+                let cg = dp.pod("bench-stats")?;
                 dp.set(&cg.dir()?, limits)?;
                 let r = (|| -> Result<_> {
                     let _stats = bpf_stats::enable_stats()?;
                     let before = programs(&cg)?;
-                    let busy = costed(pair, &cg, &client, dir)?.busy;
+                    let busy = costed(pair, &cg, Some(&peer), &client, dir)?.busy;
                     let after = programs(&cg)?;
                     let per_run = |name: &str| ns_per_run(&before, &after, name);
                     // Time inside the programs over all busy CPU time of the run.
@@ -523,7 +594,7 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
                         per_run("ps_egress"),
                         per_run("ps_ingress"),
                         per_run("ps_sockops"),
-                        per_run("ps_peer_ops"),
+                        per_run("ps_node_ops"),
                         share,
                     ))
                 })();
@@ -548,7 +619,7 @@ fn overhead(pair: &NetnsPair, dp: &mut TempDatapath, args: &Args, secs: u32) -> 
                 egress,
                 ingress,
                 sockops,
-                peer,
+                node_ops,
             ]);
         }
     }
@@ -563,9 +634,15 @@ struct Cost {
     ms_per_gb: f64,
 }
 
-fn costed(pair: &NetnsPair, cg: &Cgroup, client: &ClientOptions, dir: Dir) -> Result<Cost> {
+fn costed(
+    pair: &NetnsPair,
+    cg: &Cgroup,
+    server: Option<&Cgroup>,
+    client: &ClientOptions,
+    dir: Dir,
+) -> Result<Cost> {
     let before = cpu::busy()?;
-    let report = measure(pair, cg, client, dir)?.report;
+    let report = measure(pair, cg, server, client, dir)?.report;
     let busy = cpu::busy()? - before;
     Ok(Cost {
         bps: report.received_bps,
@@ -659,8 +736,14 @@ fn method(args: &Args, secs: u32) -> Vec<String> {
              IPv4; per case a fresh cgroup, iperf3 -c in A inside it against a one-off iperf3 -s in B; \
              {secs} s per case, 100 ms report intervals"
         ),
-        "podshaper: the podshaper-ebpf datapath (private pins), egress and ingress limit = target on the \
-         case's cgroup"
+        "podshaper: the podshaper-ebpf datapath (private pins, its node-level program on a cgroup \
+         subtree standing for the node), egress and ingress limit = target on the case's cgroup in \
+         that subtree"
+            .into(),
+        "sender (ingress): \"this node\" = iperf3 -s in a cgroup of the pod's node; \"other node\" = in \
+         a cgroup of a second node (a second datapath on a subtree of its own: its node-level \
+         program never sees the pod's sockets, the rate option alone joins them); \"no podshaper\" \
+         = in a cgroup outside both nodes (only the receiver's policer acts)"
             .into(),
         format!(
             "tbf-cni: the bandwidth CNI plugin run as a container runtime runs it (host veth in B, pod \
