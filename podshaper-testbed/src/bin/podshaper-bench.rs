@@ -840,15 +840,31 @@ mod tests {
     #[test]
     fn matrix_sizes() {
         let quick = Args::parse_from(["podshaper-bench", "--quick"]);
-        // 2 directions x (2 cc x 2 flow counts + 1 UDP) x 2 shapers.
-        assert_eq!(matrix(&quick).len(), 20);
+        // 2 directions x (2 cc x 2 flow counts + 1 UDP) x 2 shapers, and podshaper's ingress
+        // TCP again from another node and from one without podshaper (2 cc x 2 flows x 2).
+        assert_eq!(matrix(&quick).len(), 28);
         let full = Args::parse_from(["podshaper-bench"]);
-        // 2 shapers x 2 directions x (4 targets x 2 cc x 3 flows + 3 targets x 3 flows).
-        assert_eq!(matrix(&full).len(), 132);
+        // 2 shapers x 2 directions x (4 targets x 2 cc x 3 flows + 3 targets x 3 flows), and
+        // the two other senders of podshaper's ingress TCP up to 1G (3 targets x 2 cc x 3 x 2).
+        assert_eq!(matrix(&full).len(), 168);
+        assert_eq!(
+            matrix(&full)
+                .iter()
+                .filter(|c| c.sender == Sender::OtherNode)
+                .count(),
+            18
+        );
         let one = Args::parse_from(["podshaper-bench", "--shaper", "tbf-cni"]);
         assert!(matrix(&one).iter().all(|c| c.shaper == Shaper::TbfCni));
         let some = Args::parse_from(["podshaper-bench", "--filter", "ingress udp - x32"]);
         // Both shapers at 10M, 100M and 1G.
         assert_eq!(matrix(&some).len(), 6);
+        // Any of several patterns: podshaper's three senders and TBF's one, at 1G.
+        let several = Args::parse_from([
+            "podshaper-bench",
+            "--filter",
+            "ingress tcp cubic x8 1G,ingress from-other-node tcp cubic x8 1G,from-no-podshaper tcp cubic x8 1G",
+        ]);
+        assert_eq!(matrix(&several).len(), 4);
     }
 }
