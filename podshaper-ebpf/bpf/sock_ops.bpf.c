@@ -290,7 +290,7 @@ static __always_inline void ps_opt_parse(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct tcphdr *th = skops->skb_data;
-	struct ps_node_stats *ns = ps_node_stats();
+	struct ps_node_stats *ns;
 	struct ps_flow *fl;
 	__u8 opt[PS_OPT_LEN] = {PS_OPT_KIND, 4, PS_OPT_EXID >> 8, PS_OPT_EXID & 0xff};
 	__u64 rate = 0;
@@ -298,11 +298,12 @@ static __always_inline void ps_opt_parse(struct bpf_sock_ops *skops)
 	long n;
 	int what;
 
-	if (!sk || !ns)
+	if (!sk)
 		return;
 	// Search by kind and ExID; a match longer than our buffer is -ENOSPC.
 	n = bpf_load_hdr_opt(skops, opt, sizeof(opt), 0);
-	if (n == -PS_ENOMSG)
+	ns = ps_node_stats();
+	if (n == -PS_ENOMSG || !ns)
 		return; // someone else's option
 	value = ((__u32)opt[4] << 24) | ((__u32)opt[5] << 16) | ((__u32)opt[6] << 8) | opt[7];
 	what = n == PS_OPT_LEN ? ps_opt_decode(value, &rate) : PS_OPT_BAD;
@@ -343,8 +344,7 @@ static __always_inline void ps_opt_parse(struct bpf_sock_ops *skops)
 SEC("sockops")
 int ps_sockops(struct bpf_sock_ops *skops)
 {
-	struct ps_cgroup *cg = bpf_get_local_storage(&ps_cgroups, 0);
-	struct ps_stats *st = bpf_get_local_storage(&ps_stats, 0);
+	struct ps_cgroup *cg;
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
@@ -357,12 +357,15 @@ int ps_sockops(struct bpf_sock_ops *skops)
 		// the limit never got them: set them here, not in TCP_LISTEN_CB.
 		ps_want_callbacks(skops,
 		                  BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
-		ps_apply(skops, cg, st, 0);
-		break;
+		// fall through: apply the share now
 	case BPF_SOCK_OPS_RTT_CB:
-		ps_apply(skops, cg, st, 0);
+		cg = bpf_get_local_storage(&ps_cgroups, 0);
+		ps_apply(skops, cg, bpf_get_local_storage(&ps_stats, 0), 0);
 		break;
 	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+		// Runs for every segment the socket sends: ps_opt_len() leaves all but pure ACKs
+		// before it touches any state.
+		cg = bpf_get_local_storage(&ps_cgroups, 0);
 		ps_opt_len(skops, cg);
 		break;
 	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:

@@ -187,24 +187,17 @@ impl Datapath {
         self.sync_node_link()
     }
 
-    /// Whether this node's senders are paced at their receivers' rates.
-    pub fn peer_pacing(&self) -> bool {
-        self.peer_pacing
-    }
-
     /// The node's rate-option counters, summed over CPUs.
     pub fn node_stats(&self) -> Result<NodeStats, Error> {
-        let stride = std::mem::size_of::<NodeStats>().div_ceil(8) * 8;
-        let mut buf = vec![0u8; stride * self.ncpus];
         // The array's u32 key 0: the kernel reads the first 4 bytes of a zero u64.
-        sys::lookup(self.node.fd().as_fd(), 0, &mut buf, 0).map_err(|source| Error::Map {
-            what: "read the node's option counters".into(),
-            source,
-        })?;
+        let cpus = self
+            .read_per_cpu::<NodeStats>(&self.node, 0)
+            .map_err(|source| Error::Map {
+                what: "read the node's option counters".into(),
+                source,
+            })?;
         let mut stats = NodeStats::default();
-        for cpu in buf.chunks_exact(stride) {
-            stats.add(&sys::from_bytes::<NodeStats>(cpu));
-        }
+        cpus.iter().for_each(|c| stats.add(c));
         Ok(stats)
     }
 
@@ -373,13 +366,9 @@ impl Datapath {
             }
             Err(e) => return Err(e),
         };
-        let stride = Self::stats_stride();
-        let mut buf = vec![0u8; stride * self.ncpus];
         let mut stats = Stats::default();
-        if sys::lookup(self.stats.fd().as_fd(), id, &mut buf, 0).is_ok() {
-            for cpu in buf.chunks_exact(stride) {
-                stats.add(&sys::from_bytes::<Stats>(cpu));
-            }
+        if let Ok(cpus) = self.read_per_cpu::<Stats>(&self.stats, id) {
+            cpus.iter().for_each(|c| stats.add(c));
         }
         Ok(Some(CgroupState {
             id,
@@ -390,16 +379,19 @@ impl Datapath {
     }
 
     fn zero_stats(&self, id: u64) -> Result<(), Error> {
-        let zeros = vec![0u8; Self::stats_stride() * self.ncpus];
+        let zeros = vec![0u8; per_cpu_stride::<Stats>() * self.ncpus];
         sys::update(self.stats.fd().as_fd(), id, &zeros, sys::BPF_EXIST).map_err(|source| Error::Map {
             what: format!("reset counters of cgroup {id}"),
             source,
         })
     }
 
-    // Per-CPU values are laid out at 8-byte strides.
-    fn stats_stride() -> usize {
-        std::mem::size_of::<Stats>().div_ceil(8) * 8
+    /// One value per CPU of `key` in the per-CPU map `map`.
+    fn read_per_cpu<T: Copy + Default>(&self, map: &MapData, key: u64) -> std::io::Result<Vec<T>> {
+        let stride = per_cpu_stride::<T>();
+        let mut buf = vec![0u8; stride * self.ncpus];
+        sys::lookup(map.fd().as_fd(), key, &mut buf, 0)?;
+        Ok(buf.chunks_exact(stride).map(sys::from_bytes::<T>).collect())
     }
 
     fn read_cgroup(&self, id: u64) -> Result<Cgroup, Error> {
@@ -425,6 +417,11 @@ impl Datapath {
         }
         Ok(gone)
     }
+}
+
+// Per-CPU values are laid out at 8-byte strides.
+fn per_cpu_stride<T>() -> usize {
+    std::mem::size_of::<T>().div_ceil(8) * 8
 }
 
 fn program<'a, T>(obj: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Error>

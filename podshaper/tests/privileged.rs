@@ -16,7 +16,10 @@ use std::{
     time::Duration,
 };
 
-use podshaper_ebpf::{abi::EGRESS, Limits};
+use podshaper_ebpf::{
+    abi::{EGRESS, INGRESS},
+    Limits,
+};
 use podshaper_testbed::{
     run_client, Cgroup, ClientOptions, IperfReport, IperfServer, NetnsPair, ServerOptions, TempDatapath,
     Traffic, L3,
@@ -76,7 +79,7 @@ impl Lab {
     }
 
     fn iperf(&self, to: IpAddr, traffic: Traffic, flows: u32, secs: u32, reverse: bool) -> IperfReport {
-        iperf_with(
+        iperf(
             &self.pair,
             &self.pod,
             Some(&self.peer),
@@ -89,23 +92,10 @@ impl Lab {
     }
 }
 
-/// Runs iperf3 from the pod (namespace A, in `pod`) to a server in B; `reverse` makes the
-/// pod receive.
-fn iperf(
-    pair: &NetnsPair,
-    pod: &Cgroup,
-    to: IpAddr,
-    traffic: Traffic,
-    flows: u32,
-    secs: u32,
-    reverse: bool,
-) -> IperfReport {
-    iperf_with(pair, pod, None, to, traffic, flows, secs, reverse)
-}
-
-/// [`iperf`] with the server in cgroup `server`.
+/// Runs iperf3 from the pod (namespace A, in `pod`) to a server in B (in cgroup `server`, if
+/// given); `reverse` makes the pod receive.
 #[allow(clippy::too_many_arguments)]
-fn iperf_with(
+fn iperf(
     pair: &NetnsPair,
     pod: &Cgroup,
     server: Option<&Cgroup>,
@@ -338,7 +328,7 @@ impl TwoNodes {
 
     /// The pod downloads from node B.
     fn download(&self, flows: u32, secs: u32) -> IperfReport {
-        iperf_with(
+        iperf(
             &self.pair,
             &self.pod,
             Some(&self.remote),
@@ -396,17 +386,11 @@ fn a_remote_senders_pacing_lapses_when_the_limit_is_lifted() {
         mut a,
         b,
     } = lab;
-    let received = |a: &TempDatapath| {
-        a.state(pod.id())
-            .ok()
-            .flatten()
-            .map_or(0, |s| s.stats.bytes[podshaper_ebpf::abi::INGRESS])
-    };
     let r = thread::scope(|s| {
-        let traffic = s.spawn(|| iperf_with(&pair, &pod, Some(&remote), b_v4(), tcp(), 1, 7, true));
+        let traffic = s.spawn(|| iperf(&pair, &pod, Some(&remote), b_v4(), tcp(), 1, 7, true));
         // Timed from the first data, as in the live change test.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while received(&a) < FIRST_DATA {
+        while counted(&a, &pod, INGRESS) < FIRST_DATA {
             assert!(std::time::Instant::now() < deadline, "no traffic after 20 s");
             thread::sleep(Duration::from_millis(10));
         }
@@ -461,12 +445,12 @@ fn limit_changes_apply_live_to_established_flows() {
     let dir = pod.dir().expect("cgroup dir");
     dp.set(&dir, lim(Some(20 * M), None)).expect("set 20M");
     let r = thread::scope(|s| {
-        let traffic = s.spawn(|| iperf(&pair, &pod, b_v4(), tcp(), 2, 6, false));
+        let traffic = s.spawn(|| iperf(&pair, &pod, None, b_v4(), tcp(), 2, 6, false));
         // The change is timed from the first data, not from the spawn: starting iperf3 takes
         // over a second under emulation, which put the change inside "before" and read as an
         // overshoot to 1.4-1.6x of the first limit.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while sent(&dp, &pod) < FIRST_DATA {
+        while counted(&dp, &pod, EGRESS) < FIRST_DATA {
             assert!(std::time::Instant::now() < deadline, "no traffic after 20 s");
             thread::sleep(Duration::from_millis(10));
         }
@@ -483,12 +467,13 @@ fn limit_changes_apply_live_to_established_flows() {
     drop(dp);
 }
 
-/// Bytes the pod has sent, as its egress counter says (0 before anything is counted).
-fn sent(dp: &TempDatapath, pod: &Cgroup) -> u64 {
+/// Bytes the pod has sent (EGRESS) or received (INGRESS), as its counters say (0 before
+/// anything is counted).
+fn counted(dp: &TempDatapath, pod: &Cgroup, dir: usize) -> u64 {
     dp.state(pod.id())
         .ok()
         .flatten()
-        .map_or(0, |s| s.stats.bytes[EGRESS])
+        .map_or(0, |s| s.stats.bytes[dir])
 }
 
 /// More than iperf3's control connection sends before a test starts (a few hundred bytes).
@@ -537,7 +522,7 @@ fn more_flows_child_cgroups_and_udp_floods_do_not_escape() {
     lab.limit(Some(20 * M), None);
     // A process in a child cgroup (a container of the pod) is under the pod's limit.
     let child = Cgroup::new_in(lab.pod.path(), "container").expect("child cgroup");
-    let r = iperf(&lab.pair, &child, b_v4(), tcp(), 1, 3, false);
+    let r = iperf(&lab.pair, &child, None, b_v4(), tcp(), 1, 3, false);
     assert_within("child cgroup", ratio(&r, L3::TCP_V4, 20 * M), 0.5, 1.15);
     let r = lab.iperf(b_v4(), tcp(), 32, 4, false);
     assert_within("32 flows", ratio(&r, L3::TCP_V4, 20 * M), 0.5, 1.15);
@@ -765,7 +750,7 @@ fn limits_survive_a_daemon_restart() {
     daemon.stop();
 
     // No daemon runs: the limit is still in force.
-    let r = iperf(&pair, &pod, b_v4(), tcp(), 2, 3, false);
+    let r = iperf(&pair, &pod, None, b_v4(), tcp(), 2, 3, false);
     assert_within(
         "while the daemon is down",
         ratio(&r, L3::TCP_V4, 20 * M),
@@ -897,7 +882,7 @@ fn another_sock_ops_program_keeps_the_callbacks_it_asked_for() {
     lab.limit(Some(20 * M), Some(20 * M));
     let child = Cgroup::new_in(lab.pod.path(), "container").expect("child cgroup");
     let probe = podshaper_testbed::probe::CallbackProbe::attach(child.path()).expect("attach probe");
-    let r = iperf(&lab.pair, &child, b_v4(), tcp(), 2, 1, false);
+    let r = iperf(&lab.pair, &child, None, b_v4(), tcp(), 2, 1, false);
     assert!(r.mean_after_bps(0.0).is_some(), "no traffic: {r:?}");
     lab.assert_paced();
     // iperf3 opened a control and two data connections, all closed when it returned; the
