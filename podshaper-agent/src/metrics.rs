@@ -9,7 +9,7 @@ use std::sync::{
 };
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
-use podshaper_api::proto::{CgroupStatus, DirectionStatus};
+use podshaper_api::proto::{CgroupStatus, DirectionStatus, NodeStatus};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
@@ -107,11 +107,46 @@ impl Collector for Pods {
     }
 }
 
+/// The node's rate-option counters, as last sampled (docs/rate-option.md).
+#[derive(Debug, Default)]
+struct Node(Mutex<Option<NodeStatus>>);
+
+/// A rate-option event: its label and its counter.
+type OptionEvent = (&'static str, fn(&NodeStatus) -> u64);
+
+const OPTION_EVENTS: [OptionEvent; 7] = [
+    ("written", |n| n.options_written),
+    ("no_room", |n| n.options_no_room),
+    ("exists", |n| n.options_exists),
+    ("taken", |n| n.options_taken),
+    ("lifted", |n| n.options_lifted),
+    ("malformed", |n| n.options_malformed),
+    ("outside_window", |n| n.options_outside),
+];
+
+impl Collector for Node {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let node = self.0.lock().map_err(|_| std::fmt::Error)?;
+        let Some(n) = node.as_ref() else { return Ok(()) };
+        let mut family = encoder.encode_descriptor(
+            "podshaper_rate_options",
+            "Rate options on this node: written by limited receivers (or not: no_room, exists), taken by senders (taken, lifted) or ignored (malformed, outside_window)",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (event, value) in OPTION_EVENTS {
+            ConstCounter::new(value(n)).encode(family.encode_family(&[("event", event)])?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Everything the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     pods: Arc<Pods>,
+    node: Arc<Node>,
     /// Malformed bandwidth annotations seen, per pod.
     pub invalid_annotations: Family<PodLabels, Counter>,
     /// Attempts to find a pod's cgroup that failed, per pod.
@@ -129,6 +164,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
         let pods = Arc::new(Pods::default());
+        let node = Arc::new(Node::default());
         let invalid_annotations = Family::<PodLabels, Counter>::default();
         let cgroup_not_found = Family::<PodLabels, Counter>::default();
         let apply_errors = Family::<PodLabels, Counter>::default();
@@ -154,9 +190,11 @@ impl Default for Metrics {
             pods_limited.clone(),
         );
         registry.register_collector(Box::new(pods.clone()));
+        registry.register_collector(Box::new(node.clone()));
         Self {
             registry,
             pods,
+            node,
             invalid_annotations,
             cgroup_not_found,
             apply_errors,
@@ -173,6 +211,13 @@ impl Metrics {
         self.pods_limited.set(pods.len() as i64);
         if let Ok(mut p) = self.pods.0.lock() {
             *p = pods;
+        }
+    }
+
+    /// Replaces the node's rate-option snapshot (none while no datapath is loaded).
+    pub fn set_node(&self, node: Option<NodeStatus>) {
+        if let Ok(mut n) = self.node.0.lock() {
+            *n = node;
         }
     }
 
@@ -284,6 +329,20 @@ mod tests {
         has(r#"podshaper_pod_bytes_total{namespace="ns",pod="web",direction="egress"} 1234"#);
         has(r#"podshaper_invalid_annotations_total{namespace="ns",pod="bad"} 1"#);
         has("podshaper_pods_limited 1");
+        assert!(
+            !text.contains("podshaper_rate_options"),
+            "no datapath, no option series"
+        );
+        m.set_node(Some(NodeStatus {
+            options_written: 7,
+            options_malformed: 2,
+            ..NodeStatus::default()
+        }));
+        let text = m.encode().unwrap();
+        let has = |line: &str| assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        has(r#"podshaper_rate_options_total{event="written"} 7"#);
+        has(r#"podshaper_rate_options_total{event="malformed"} 2"#);
+        has(r#"podshaper_rate_options_total{event="taken"} 0"#);
         // No limit, no limit series.
         assert!(!text.contains(
             r#"podshaper_pod_limit_bits_per_second{namespace="ns",pod="web",direction="ingress"}"#

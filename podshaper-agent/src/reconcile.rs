@@ -535,7 +535,13 @@ impl Reconciler {
     }
 
     fn refresh_metrics(&self) {
-        let status = self.daemon().status(None);
+        let (node, status) = {
+            let daemon = self.daemon();
+            (daemon.node_status(), daemon.status(None))
+        };
+        if let Ok(node) = node {
+            self.metrics.set_node(node);
+        }
         let Ok(cgroups) = status else { return };
         let samples = cgroups.into_iter().filter_map(sample).collect();
         self.metrics.set_pods(samples);

@@ -91,6 +91,22 @@ pub struct DirectionStatus {
     pub flows: u32,
 }
 
+/// The node's rate-option counters since the datapath was loaded ([docs/rate-option.md]):
+/// receiver side (options written, pure ACKs that could not carry one) and sender side (options
+/// taken, "no limit" taken, malformed or outside the ACK window: ignored).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub options_written: u64,
+    /// No room left on the ACK (SACK blocks and timestamps filled the option space).
+    pub options_no_room: u64,
+    /// Another writer's option of our kind and ExID was already on the ACK.
+    pub options_exists: u64,
+    pub options_taken: u64,
+    pub options_lifted: u64,
+    pub options_malformed: u64,
+    pub options_outside: u64,
+}
+
 /// The daemon's answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -100,8 +116,13 @@ pub enum Response {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         status: Option<CgroupStatus>,
     },
-    /// Status of the limited cgroups.
-    Status { cgroups: Vec<CgroupStatus> },
+    /// Status of the limited cgroups, and the node's rate-option counters (none while no
+    /// datapath is loaded, after a reset).
+    Status {
+        cgroups: Vec<CgroupStatus>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<NodeStatus>,
+    },
     /// The request was refused or failed; nothing was changed.
     Error { message: String },
 }

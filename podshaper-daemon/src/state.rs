@@ -7,7 +7,7 @@ use std::{
 };
 
 use podshaper_api::{
-    proto::{CgroupStatus, Change, DirectionStatus, Request, Response},
+    proto::{CgroupStatus, Change, DirectionStatus, NodeStatus, Request, Response},
     Rate,
 };
 use podshaper_ebpf::{
@@ -95,9 +95,12 @@ impl State {
                 .limit(&cgroup, egress, ingress, name)
                 .map(|status| Response::Ok { status }),
             Request::Unlimit { cgroup } => self.unlimit(&cgroup).map(|()| Response::Ok { status: None }),
-            Request::Status { cgroup } => self
-                .status(cgroup.as_deref())
-                .map(|cgroups| Response::Status { cgroups }),
+            Request::Status { cgroup } => self.status(cgroup.as_deref()).and_then(|cgroups| {
+                Ok(Response::Status {
+                    cgroups,
+                    node: self.node_status()?,
+                })
+            }),
             Request::Reset => self.reset().map(|()| Response::Ok { status: None }),
         };
         result.unwrap_or_else(|e| Response::Error {
@@ -190,6 +193,23 @@ impl State {
             }
         }
         Ok(cgroups)
+    }
+
+    /// The node's rate-option counters; none while no datapath is loaded (after a reset).
+    pub fn node_status(&self) -> Result<Option<NodeStatus>, Error> {
+        let Some(datapath) = &self.datapath else {
+            return Ok(None);
+        };
+        let n = datapath.node_stats()?;
+        Ok(Some(NodeStatus {
+            options_written: n.opt_written,
+            options_no_room: n.opt_no_room,
+            options_exists: n.opt_exists,
+            options_taken: n.opt_taken,
+            options_lifted: n.opt_lifted,
+            options_malformed: n.opt_malformed,
+            options_outside: n.opt_outside,
+        }))
     }
 
     /// Lifts every limit and removes all pinned state; nothing stays loaded until the next

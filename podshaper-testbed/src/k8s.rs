@@ -705,7 +705,7 @@ impl AgentProcess {
         let mut answer = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut answer)?;
         match serde_json::from_str(&answer)? {
-            Response::Status { cgroups } => Ok(cgroups),
+            Response::Status { cgroups, .. } => Ok(cgroups),
             other => bail!("status: {other:?}"),
         }
     }

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use podshaper_api::{
     human_bps,
-    proto::{CgroupStatus, Change, Request, Response, DEFAULT_SOCKET},
+    proto::{CgroupStatus, Change, NodeStatus, Request, Response, DEFAULT_SOCKET},
     Rate,
 };
 use podshaper_ebpf::pins::DEFAULT_ROOT;
@@ -86,14 +86,19 @@ enum Command {
         #[arg(long)]
         cgroup: PathBuf,
     },
-    /// Show limited cgroups: limits, current rates, bytes, drops and marks.
+    /// Show limited cgroups: limits, current rates, bytes, drops and marks; then the node's
+    /// rate-option counters (what receivers here told their senders, what senders here took).
     Status {
         /// Only this cgroup.
         #[arg(long)]
         cgroup: Option<PathBuf>,
-        /// Machine-readable output.
+        /// Machine-readable output: the cgroups as a JSON array (with --node, the node's
+        /// counters as an object).
         #[arg(long)]
         json: bool,
+        /// Only the node's rate-option counters.
+        #[arg(long)]
+        node: bool,
     },
     /// Remove every limit and all pinned state (what an uninstall runs). Works without a
     /// running daemon.
@@ -257,14 +262,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Unlimit { cgroup } => {
             rt.block_on(ask(&cli.socket, &Request::Unlimit { cgroup }))?;
         }
-        Command::Status { cgroup, json } => {
-            if let Response::Status { cgroups } =
-                rt.block_on(ask(&cli.socket, &Request::Status { cgroup }))?
+        Command::Status { cgroup, json, node } => {
+            if let Response::Status {
+                cgroups,
+                node: counters,
+            } = rt.block_on(ask(&cli.socket, &Request::Status { cgroup }))?
             {
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&cgroups)?);
-                } else {
-                    print_table(&cgroups);
+                match (node, json) {
+                    (true, true) => println!("{}", serde_json::to_string_pretty(&counters)?),
+                    (true, false) => print_node(counters.as_ref()),
+                    (false, true) => println!("{}", serde_json::to_string_pretty(&cgroups)?),
+                    (false, false) => {
+                        print_table(&cgroups);
+                        print_node(counters.as_ref());
+                    }
                 }
             }
         }
@@ -299,6 +310,23 @@ fn check(resp: Response) -> Result<Response> {
         Response::Error { message } => bail!("{message}"),
         other => Ok(other),
     }
+}
+
+fn print_node(n: Option<&NodeStatus>) {
+    let Some(n) = n else {
+        println!("rate option: no datapath loaded");
+        return;
+    };
+    println!(
+        "rate option: written {} (no room {}, another writer's {}); taken {} (no limit {}), ignored: malformed {}, outside the ACK window {}",
+        n.options_written,
+        n.options_no_room,
+        n.options_exists,
+        n.options_taken,
+        n.options_lifted,
+        n.options_malformed,
+        n.options_outside
+    );
 }
 
 fn print_table(rows: &[CgroupStatus]) {

@@ -777,6 +777,38 @@ fn limits_survive_a_daemon_restart() {
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
+// The daemon's node-level program runs on the cgroup root: a download into a limited pod from
+// this node's sender shows up in `status` as options written by the receiver and taken by the
+// sender.
+#[test]
+fn status_shows_the_nodes_rate_options() {
+    let Some(_g) = privileged() else { return };
+    let (tmp, socket, bpffs) = daemon_paths("options");
+    let _pins = PinsGuard(bpffs.clone());
+    let pair = NetnsPair::new().expect("netns");
+    let pod = Cgroup::new("options").expect("cgroup");
+    let path = pod.path().to_string_lossy().into_owned();
+    let daemon = Daemon::start(&socket, &bpffs);
+    let out = cli(&socket, &["limit", "--cgroup", &path, "--ingress", "20M"]);
+    assert!(out.status.success(), "limit: {out:?}");
+    iperf(&pair, &pod, None, b_v4(), tcp(), 1, 2, true);
+    let out = cli(&socket, &["status", "--node", "--json"]);
+    assert!(out.status.success(), "status: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert!(v["options_written"].as_u64() > Some(0), "{v}");
+    assert!(v["options_taken"].as_u64() > Some(0), "{v}");
+    let out = cli(&socket, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("rate option: written"), "{text}");
+    let out = cli(&socket, &["reset"]);
+    assert!(out.status.success(), "reset: {out:?}");
+    let out = cli(&socket, &["status", "--node"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("no datapath loaded"), "{text}");
+    daemon.stop();
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
 /// Ids of the loaded BPF programs that carry one of our names.
 fn our_programs() -> std::collections::BTreeSet<u64> {
     let out = Command::new("bpftool")
