@@ -3,8 +3,8 @@
 # Idempotent: only missing packages are installed; `apt-get update` runs at most once.
 set -euo pipefail
 
-# openssl: certificates of the test control plane.
-pkgs=(clang clang-format llvm libbpf-dev linux-libc-dev iproute2 iperf3 bpftool containernetworking-plugins pkg-config openssl)
+# openssl: certificates of the test control plane; iptables: the tests' Service stand-in (DNAT).
+pkgs=(clang clang-format llvm libbpf-dev linux-libc-dev iproute2 iperf3 bpftool containernetworking-plugins pkg-config openssl iptables)
 # `deps.sh guest`: also what the guest lab needs (qemu guests with other kernels): qemu,
 # a static busybox for the guest's userland and cpio for its initramfs.
 if [ "${1:-}" = guest ]; then

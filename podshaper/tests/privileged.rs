@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     path::Path,
     process::{Command, Stdio},
     sync::{Mutex, MutexGuard, OnceLock},
@@ -369,6 +369,63 @@ fn ingress_from_another_node_is_paced_by_the_rate_option() {
     assert!(a.opt_written > 0 && a.opt_taken == 0, "node A: {a:?}");
     assert!(b.opt_taken > 0 && b.opt_written == 0, "node B: {b:?}");
     assert_eq!(b.opt_malformed + b.opt_outside, 0, "node B: {b:?}");
+}
+
+// kube-proxy's DNAT happens after the client's socket picked its peer: the socket's peer is the
+// Service's address, never the pod's. The option rides the connection, so it does not care.
+#[test]
+fn a_client_through_a_service_address_is_paced() {
+    let Some(_g) = privileged() else { return };
+    let mut lab = TwoNodes::new("service");
+    let limit = scaled(50 * M);
+    lab.limit(Some(limit));
+    // A Service stand-in in B: the address is routed out of the veth (the socket's route
+    // lookup happens before the DNAT) and rewritten to the pod's in OUTPUT, as kube-proxy does.
+    let vip = Ipv4Addr::new(198, 19, 255, 10);
+    let b = lab.pair.b();
+    b.ip(&["route", "add", &format!("{vip}/32"), "dev", lab.pair.veth_b()])
+        .expect("route the Service address");
+    b.run(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            &vip.to_string(),
+            "-p",
+            "tcp",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &NetnsPair::A_V4.to_string(),
+        ],
+    )
+    .expect("DNAT the Service address (make deps installs iptables)");
+    // The pod serves; the client on node B uploads to the Service address.
+    let _server =
+        IperfServer::start(lab.pair.a(), Some(&lab.pod), &ServerOptions::default()).expect("iperf3 server");
+    let opts = ClientOptions {
+        traffic: tcp(),
+        flows: 2,
+        secs: 4,
+        ..ClientOptions::new(IpAddr::V4(vip))
+    };
+    let r = run_client(lab.pair.b(), Some(&lab.remote), &opts).expect("iperf3 client");
+    assert_within(
+        "ingress TCP from a client of a Service address on another node",
+        ratio(&r, L3::TCP_V4, limit),
+        0.8,
+        1.15,
+    );
+    let retransmits = r.retransmits.expect("TCP report has retransmits");
+    assert!(
+        retransmits <= 40,
+        "{retransmits} retransmits: the client was policed, not paced"
+    );
+    let taken = lab.b.node_stats().expect("B's counters").opt_taken;
+    assert!(taken > 0, "node B took no rate option");
 }
 
 // The receiver's node tells the sender "no limit" on its next pure ACKs when the limit goes,

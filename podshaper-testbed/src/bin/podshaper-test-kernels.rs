@@ -157,17 +157,31 @@ struct TierResult {
 
 /// Boots a guest of `kernel`, checks the lab, runs the tier.
 fn tier(kernel: &Kernel, built: &Built, filter: Option<&str>) -> Result<TierResult> {
-    let files = [
+    // iptables loads its matches and targets with dlopen (no ldd shows them): the DNAT of the
+    // tests' Service stand-in needs these.
+    let xtables = PathBuf::from(format!("/usr/lib/{}-linux-gnu/xtables", std::env::consts::ARCH));
+    let mut files = vec![
         built.tests.clone(),
         built.podshaper.clone(),
         host_program("ip")?,
         host_program("iperf3")?,
         host_program("bpftool")?,
         host_program("readelf")?,
+        host_program("iptables")?,
     ];
+    files.extend(["libxt_DNAT.so", "libxt_tcp.so", "libxt_standard.so"].map(|f| xtables.join(f)));
     let mut node = Guest::new(kernel.clone(), BOOT_TIMEOUT)
         .with_files(files)
-        .with_modules(&["veth"])
+        // nf_tables, its NAT and the xtables DNAT target iptables-nft uses for the tests' Service
+        // stand-in.
+        .with_modules(&[
+            "veth",
+            "nf_tables",
+            "nft_chain_nat",
+            "nft_nat",
+            "nft_compat",
+            "xt_nat",
+        ])
         .with_network()
         .boot()?;
     check_lab(&mut node, kernel, built)?;
