@@ -95,6 +95,9 @@ enum Sender {
     OtherNode,
     /// On a node without podshaper: a cgroup outside both nodes, no program on its path.
     NoPodshaper,
+    /// Half the flows from each of two other nodes (two datapaths of their own): they share
+    /// the pod's limit, fairly.
+    TwoNodes,
 }
 
 impl Sender {
@@ -105,6 +108,7 @@ impl Sender {
             (_, Sender::ThisNode) => "this node",
             (_, Sender::OtherNode) => "other node",
             (_, Sender::NoPodshaper) => "no podshaper",
+            (_, Sender::TwoNodes) => "two nodes",
         }
     }
 }
@@ -133,6 +137,7 @@ impl Case {
         let from = match (self.dir, self.sender) {
             (Dir::Ingress, Sender::OtherNode) => " from-other-node",
             (Dir::Ingress, Sender::NoPodshaper) => " from-no-podshaper",
+            (Dir::Ingress, Sender::TwoNodes) => " from-two-nodes",
             _ => "",
         };
         format!(
@@ -196,11 +201,23 @@ fn run(args: Args) -> Result<()> {
     } else {
         None
     };
-    // The second node, for senders on another node.
-    let remote = if cases.iter().any(|c| c.sender == Sender::OtherNode) {
+    // The other nodes, for senders elsewhere.
+    let remote = if cases
+        .iter()
+        .any(|c| matches!(c.sender, Sender::OtherNode | Sender::TwoNodes))
+    {
         Some(TempDatapath::load("podshaper-bench-remote").context("load the second node's datapath")?)
     } else {
         None
+    };
+    let remote2 = if cases.iter().any(|c| c.sender == Sender::TwoNodes) {
+        Some(TempDatapath::load("podshaper-bench-remote2").context("load the third node's datapath")?)
+    } else {
+        None
+    };
+    let remotes = Remotes {
+        one: remote.as_ref(),
+        two: remote2.as_ref(),
     };
     let started = Instant::now();
     let info = RunInfo::collect()?;
@@ -223,6 +240,7 @@ fn run(args: Args) -> Result<()> {
         "steady/target",
         "worst100ms/target",
         "retransmits (UDP: loss)",
+        "Jain (two senders)",
     ]);
     for (i, case) in cases.iter().enumerate() {
         if INTERRUPTED.load(Ordering::SeqCst) {
@@ -230,14 +248,7 @@ fn run(args: Args) -> Result<()> {
         }
         eprint!("[{}/{}] {} ... ", i + 1, cases.len(), case.label());
         let t0 = Instant::now();
-        let row = match run_case(
-            &pair,
-            datapath.as_mut(),
-            remote.as_ref(),
-            case,
-            secs,
-            args.tbf_burst,
-        ) {
+        let row = match run_case(&pair, datapath.as_mut(), &remotes, case, secs, args.tbf_burst) {
             Ok((m, note)) => {
                 let row = row(case, &m);
                 let sent = m.report.sent_bps / case.target as f64;
@@ -316,6 +327,13 @@ fn matrix(args: &Args) -> Vec<Case> {
     let mut push = |dir, cc: Option<&'static str>, flows, target| {
         for &shaper in &args.shaper {
             let senders: &[Sender] = match (shaper, dir, cc) {
+                // Two sender nodes split the flows in half: 8 and 32.
+                (Shaper::Podshaper, Dir::Ingress, Some(_)) if target <= G && flows >= 8 => &[
+                    Sender::ThisNode,
+                    Sender::OtherNode,
+                    Sender::NoPodshaper,
+                    Sender::TwoNodes,
+                ],
                 (Shaper::Podshaper, Dir::Ingress, Some(_)) if target <= G => {
                     &[Sender::ThisNode, Sender::OtherNode, Sender::NoPodshaper]
                 }
@@ -357,13 +375,21 @@ struct Measured {
     /// Highest 100 ms rate over the mean rate of the receiver's IP counter, after the first
     /// second.
     peak_over_mean: Option<f64>,
+    /// Jain's index of the two senders' steady rates, for two sender nodes.
+    jain: Option<f64>,
+}
+
+/// The datapaths of the other nodes, where a case needs them.
+struct Remotes<'a> {
+    one: Option<&'a TempDatapath>,
+    two: Option<&'a TempDatapath>,
 }
 
 /// Runs one case in a fresh cgroup; returns what it measured and a note on what the shaper did.
 fn run_case(
     pair: &NetnsPair,
     datapath: Option<&mut TempDatapath>,
-    remote: Option<&TempDatapath>,
+    remotes: &Remotes,
     case: &Case,
     secs: u32,
     tbf_burst: u64,
@@ -399,17 +425,25 @@ fn run_case(
                 bail!("datapath not loaded")
             };
             let cg = dp.pod("bench")?;
-            let peer = match case.sender {
-                Sender::ThisNode => Some(dp.pod("bench-peer")?),
-                Sender::OtherNode => match remote {
-                    Some(r) => Some(r.pod("bench-remote")?),
-                    None => bail!("the second node is not loaded"),
-                },
-                Sender::NoPodshaper => None,
+            let on = |node: Option<&TempDatapath>, label: &str| match node {
+                Some(n) => Ok(Some(n.pod(label)?)),
+                None => bail!("the node of {label} is not loaded"),
+            };
+            let (peer, peer2) = match case.sender {
+                Sender::ThisNode => (Some(dp.pod("bench-peer")?), None),
+                Sender::OtherNode => (on(remotes.one, "bench-remote")?, None),
+                Sender::NoPodshaper => (None, None),
+                Sender::TwoNodes => (
+                    on(remotes.one, "bench-remote")?,
+                    on(remotes.two, "bench-remote2")?,
+                ),
             };
             dp.set(&cg.dir()?, Limits::from_bps(limit, limit)?)
                 .context("set limits")?;
-            let report = measure(pair, &cg, peer.as_ref(), &client, case.dir);
+            let report = match &peer2 {
+                Some(second) => measure_two(pair, &cg, [peer.as_ref(), Some(second)], &client),
+                None => measure(pair, &cg, peer.as_ref(), &client, case.dir),
+            };
             let note = match dp.state(cg.id()) {
                 Ok(Some(s)) => {
                     let d = if case.dir == Dir::Egress { 0 } else { 1 };
@@ -453,7 +487,91 @@ fn measure(
     Ok(Measured {
         report,
         peak_over_mean,
+        jain: None,
     })
+}
+
+/// Like [`measure`] for a download from two senders, each with half the flows, each in its
+/// own cgroup (`servers`, on two nodes) and on its own port: one report of their sums, and
+/// Jain's index of their steady rates.
+fn measure_two(
+    pair: &NetnsPair,
+    cg: &Cgroup,
+    servers: [Option<&Cgroup>; 2],
+    client: &ClientOptions,
+) -> Result<Measured> {
+    let ports = [client.port, client.port + 1];
+    let _servers = servers
+        .iter()
+        .zip(ports)
+        .map(|(server, port)| {
+            IperfServer::start(
+                pair.b(),
+                *server,
+                &ServerOptions {
+                    port,
+                    ..ServerOptions::default()
+                },
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let sampler = InOctetsSampler::start(pair.a(), Duration::from_millis(100))?;
+    let t0 = Instant::now();
+    let reports = thread::scope(|s| {
+        let clients: Vec<_> = ports
+            .map(|port| {
+                let opts = ClientOptions {
+                    port,
+                    flows: client.flows / 2,
+                    ..client.clone()
+                };
+                s.spawn(move || run_client(pair.a(), Some(cg), &opts))
+            })
+            .into_iter()
+            .collect();
+        clients
+            .into_iter()
+            .map(|c| match c.join() {
+                Ok(r) => Ok(r?),
+                Err(_) => bail!("an iperf3 client thread panicked"),
+            })
+            .collect::<Result<Vec<_>>>()
+    });
+    let samples = sampler.finish()?;
+    let [a, b]: [IperfReport; 2] = reports?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("two reports expected"))?;
+    let rates = [a.mean_after_bps(SKIP_SECS), b.mean_after_bps(SKIP_SECS)];
+    let jain = match rates {
+        [Some(x), Some(y)] if x + y > 0.0 => Some((x + y).powi(2) / (2.0 * (x * x + y * y))),
+        _ => None,
+    };
+    let window = (
+        t0 + Duration::from_secs_f64(SKIP_SECS + 0.1),
+        t0 + Duration::from_secs(client.secs.into()),
+    );
+    let peak_over_mean = sampler::peak_and_mean(&samples, window.0, window.1)
+        .filter(|(_, mean)| *mean > 0.0)
+        .map(|(peak, mean)| peak / mean);
+    Ok(Measured {
+        report: sum_reports(a, &b),
+        peak_over_mean,
+        jain,
+    })
+}
+
+/// Two reports of one test run side by side as one: totals added, intervals added pairwise.
+fn sum_reports(mut a: IperfReport, b: &IperfReport) -> IperfReport {
+    a.received_bps += b.received_bps;
+    a.sent_bps += b.sent_bps;
+    a.sent_bytes += b.sent_bytes;
+    a.received_bytes += b.received_bytes;
+    a.retransmits = a.retransmits.zip(b.retransmits).map(|(x, y)| x + y);
+    for (i, j) in a.intervals.iter_mut().zip(&b.intervals) {
+        i.bits_per_second += j.bits_per_second;
+    }
+    a.intervals.truncate(b.intervals.len());
+    a
 }
 
 fn l3(report: &IperfReport) -> L3 {
@@ -496,6 +614,7 @@ fn row(case: &Case, m: &Measured) -> Vec<String> {
         (None, Some(p)) => format!("{p:.1}%"),
         _ => "-".into(),
     });
+    row.push(m.jain.map_or("-".into(), |j| format!("{j:.3}")));
     row
 }
 
@@ -743,7 +862,9 @@ fn method(args: &Args, secs: u32) -> Vec<String> {
         "sender (ingress): \"this node\" = iperf3 -s in a cgroup of the pod's node; \"other node\" = in \
          a cgroup of a second node (a second datapath on a subtree of its own: its node-level \
          program never sees the pod's sockets, the rate option alone joins them); \"no podshaper\" \
-         = in a cgroup outside both nodes (only the receiver's policer acts)"
+         = in a cgroup outside both nodes (only the receiver's policer acts); \"two nodes\" = half \
+         the flows from each of two other nodes (two iperf3 pairs on two ports), rates summed, Jain's \
+         index of the two senders' steady rates in the last column"
             .into(),
         format!(
             "tbf-cni: the bandwidth CNI plugin run as a container runtime runs it (host veth in B, pod \
@@ -842,11 +963,13 @@ mod tests {
         let quick = Args::parse_from(["podshaper-bench", "--quick"]);
         // 2 directions x (2 cc x 2 flow counts + 1 UDP) x 2 shapers, and podshaper's ingress
         // TCP again from another node and from one without podshaper (2 cc x 2 flows x 2).
-        assert_eq!(matrix(&quick).len(), 28);
+        // Two sender nodes at 8 flows: 2 more.
+        assert_eq!(matrix(&quick).len(), 30);
         let full = Args::parse_from(["podshaper-bench"]);
         // 2 shapers x 2 directions x (4 targets x 2 cc x 3 flows + 3 targets x 3 flows), and
         // the two other senders of podshaper's ingress TCP up to 1G (3 targets x 2 cc x 3 x 2).
-        assert_eq!(matrix(&full).len(), 168);
+        // Two sender nodes at 8 and 32 flows up to 1G: 3 targets x 2 cc x 2.
+        assert_eq!(matrix(&full).len(), 180);
         assert_eq!(
             matrix(&full)
                 .iter()
