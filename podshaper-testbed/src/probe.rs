@@ -1,7 +1,8 @@
-//! A sock_ops program of the tests' own (bpf/cb_probe.bpf.c), standing in for another tool's:
-//! it asks for state callbacks on the connections it sees open and counts the closes it is
-//! then told of. Checks that podshaper's programs add to a socket's callback flags rather than
-//! replace them.
+//! sock_ops programs of the tests' own. The callback probe (bpf/cb_probe.bpf.c), standing in for
+//! another tool's, asks for state callbacks on the connections it sees open and counts the
+//! closes it is then told of: it checks that podshaper's programs add to a socket's callback
+//! flags rather than replace them. The option forger (bpf/forge.bpf.c) writes malformed rate
+//! options.
 use std::{fs::File, os::fd::AsFd, path::Path};
 
 use aya::{
@@ -59,5 +60,53 @@ impl CallbackProbe {
         closes
             .get(&0, 0)
             .map_err(|e| bpf_err("read probe_closes".into(), e))
+    }
+}
+
+static FORGE_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forge.bpf.o"));
+
+/// A forger of the rate option (bpf/forge.bpf.c): writes kind 253 with podshaper's ExID, of the
+/// length and value the test chose, on the pure ACKs of a cgroup's sockets; detached when
+/// dropped.
+pub struct OptionForger {
+    _ebpf: Ebpf,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ForgeCfg {
+    len: u32,
+    value: u32,
+}
+
+// SAFETY: two u32, no padding.
+unsafe impl aya::Pod for ForgeCfg {}
+
+impl OptionForger {
+    /// Loads the forger, sets what it writes (`len` 4..8 bytes of option; `value`, the 32 bits
+    /// after the ExID, of which `len - 4` bytes are written) and attaches it to `cgroup`.
+    pub fn attach(cgroup: &Path, len: u32, value: u32) -> Result<Self, Error> {
+        let mut ebpf = Ebpf::load(FORGE_OBJ).map_err(|e| bpf_err("load forge.bpf.o".into(), e))?;
+        let mut cfg: Array<_, ForgeCfg> = Array::try_from(
+            ebpf.map_mut("forge_cfg")
+                .ok_or_else(|| bpf_err("set forge_cfg".into(), "no map"))?,
+        )
+        .map_err(|e| bpf_err("set forge_cfg".into(), e))?;
+        cfg.set(0, ForgeCfg { len, value }, 0)
+            .map_err(|e| bpf_err("set forge_cfg".into(), e))?;
+        let what = format!("attach forge to {}", cgroup.display());
+        let file = File::open(cgroup).map_err(|source| Error::Io {
+            what: format!("open {}", cgroup.display()),
+            source,
+        })?;
+        let prog: &mut SockOps = ebpf
+            .program_mut("forge")
+            .ok_or_else(|| bpf_err(what.clone(), "no program forge"))?
+            .try_into()
+            .map_err(|e| bpf_err(what.clone(), e))?;
+        prog.load().map_err(|e| bpf_err(what.clone(), e))?;
+        prog.attach(file.as_fd(), CgroupAttachMode::Single)
+            .map_err(|e| bpf_err(what, e))?;
+        Ok(Self { _ebpf: ebpf })
     }
 }

@@ -428,6 +428,33 @@ fn a_client_through_a_service_address_is_paced() {
     assert!(taken > 0, "node B took no rate option");
 }
 
+// Options of our kind and ExID that are not ours to read (another version, a wrong length) are
+// counted and change no rate: each forged one asks for 1 Mbit/s.
+#[test]
+fn a_malformed_rate_option_is_counted_and_ignored() {
+    let Some(_g) = privileged() else { return };
+    let lab = TwoNodes::new("forged");
+    let one_mbit = 1_000;
+    for (len, value) in [(8, (2 << 28) | one_mbit), (6, (1 << 28) | one_mbit)] {
+        let before = lab.b.node_stats().expect("B's counters");
+        let _forger = podshaper_testbed::probe::OptionForger::attach(lab.pod.path(), len, value)
+            .expect("attach the option forger");
+        let r = lab.download(1, 2);
+        let after = lab.b.node_stats().expect("B's counters");
+        assert!(
+            after.opt_malformed > before.opt_malformed,
+            "length {len}: nothing counted as malformed: {after:?}"
+        );
+        assert_eq!(
+            after.opt_taken, 0,
+            "length {len}: a forged rate was taken: {after:?}"
+        );
+        // Unpaced, the flow runs far above the forged 1 Mbit/s.
+        let got = ratio(&r, L3::TCP_V4, M);
+        assert!(got > 20.0, "length {len}: {got:.1} Mbit/s, the forged rate held");
+    }
+}
+
 // The receiver's node tells the sender "no limit" on its next pure ACKs when the limit goes,
 // and a rate lapses PS_REMOTE_TTL_NS (1 s) after its last option in any case.
 #[test]
