@@ -27,25 +27,31 @@ fn bpf_err(what: String, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// Loads the sock_ops program `name` of `ebpf` and attaches it to `cgroup` (a cgroup's programs
+/// run before those of its ancestors). A bpf_link attach (what aya makes on this kernel) is
+/// always multi: `Single` is the mode it takes. Detached when `ebpf` is dropped.
+fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &Path) -> Result<(), Error> {
+    let what = format!("attach {name} to {}", cgroup.display());
+    let file = File::open(cgroup).map_err(|source| Error::Io {
+        what: format!("open {}", cgroup.display()),
+        source,
+    })?;
+    let prog: &mut SockOps = ebpf
+        .program_mut(name)
+        .ok_or_else(|| bpf_err(what.clone(), format!("no program {name}")))?
+        .try_into()
+        .map_err(|e| bpf_err(what.clone(), e))?;
+    prog.load().map_err(|e| bpf_err(what.clone(), e))?;
+    prog.attach(file.as_fd(), CgroupAttachMode::Single)
+        .map_err(|e| bpf_err(what, e))?;
+    Ok(())
+}
+
 impl CallbackProbe {
-    /// Loads the probe and attaches it to `cgroup` (a cgroup's programs run before those of
-    /// its ancestors). A bpf_link attach (what aya makes on this kernel) is always multi:
-    /// `Single` is the mode it takes.
+    /// Loads the probe and attaches it to `cgroup`.
     pub fn attach(cgroup: &Path) -> Result<Self, Error> {
         let mut ebpf = Ebpf::load(CB_PROBE_OBJ).map_err(|e| bpf_err("load cb_probe.bpf.o".into(), e))?;
-        let what = format!("attach cb_probe to {}", cgroup.display());
-        let file = File::open(cgroup).map_err(|source| Error::Io {
-            what: format!("open {}", cgroup.display()),
-            source,
-        })?;
-        let prog: &mut SockOps = ebpf
-            .program_mut("cb_probe")
-            .ok_or_else(|| bpf_err(what.clone(), "no program cb_probe"))?
-            .try_into()
-            .map_err(|e| bpf_err(what.clone(), e))?;
-        prog.load().map_err(|e| bpf_err(what.clone(), e))?;
-        prog.attach(file.as_fd(), CgroupAttachMode::Single)
-            .map_err(|e| bpf_err(what, e))?;
+        attach(&mut ebpf, "cb_probe", cgroup)?;
         Ok(Self { ebpf })
     }
 
@@ -94,19 +100,7 @@ impl OptionForger {
         .map_err(|e| bpf_err("set forge_cfg".into(), e))?;
         cfg.set(0, ForgeCfg { len, value }, 0)
             .map_err(|e| bpf_err("set forge_cfg".into(), e))?;
-        let what = format!("attach forge to {}", cgroup.display());
-        let file = File::open(cgroup).map_err(|source| Error::Io {
-            what: format!("open {}", cgroup.display()),
-            source,
-        })?;
-        let prog: &mut SockOps = ebpf
-            .program_mut("forge")
-            .ok_or_else(|| bpf_err(what.clone(), "no program forge"))?
-            .try_into()
-            .map_err(|e| bpf_err(what.clone(), e))?;
-        prog.load().map_err(|e| bpf_err(what.clone(), e))?;
-        prog.attach(file.as_fd(), CgroupAttachMode::Single)
-            .map_err(|e| bpf_err(what, e))?;
+        attach(&mut ebpf, "forge", cgroup)?;
         Ok(Self { _ebpf: ebpf })
     }
 }

@@ -476,19 +476,21 @@ fn measure(
     let report = run_client(pair.a(), Some(cg), client);
     let samples = sampler.finish()?;
     let report = report?;
-    // The client connects within a few ms of t0; its last interval ends at t0 + secs.
-    let window = (
-        t0 + Duration::from_secs_f64(SKIP_SECS + 0.1),
-        t0 + Duration::from_secs(client.secs.into()),
-    );
-    let peak_over_mean = sampler::peak_and_mean(&samples, window.0, window.1)
-        .filter(|(_, mean)| *mean > 0.0)
-        .map(|(peak, mean)| peak / mean);
     Ok(Measured {
         report,
-        peak_over_mean,
+        peak_over_mean: peak_over_mean(&samples, t0, client.secs),
         jain: None,
     })
+}
+
+/// The receiver counter's highest 100 ms rate over its mean after the first second, for a test
+/// started at `t0`: the client connects within a few ms of it; its last interval ends at
+/// t0 + secs.
+fn peak_over_mean(samples: &[sampler::Sample], t0: Instant, secs: u32) -> Option<f64> {
+    let from = t0 + Duration::from_secs_f64(SKIP_SECS + 0.1);
+    sampler::peak_and_mean(samples, from, t0 + Duration::from_secs(secs.into()))
+        .filter(|(_, mean)| *mean > 0.0)
+        .map(|(peak, mean)| peak / mean)
 }
 
 /// Like [`measure`] for a download from two senders, each with half the flows, each in its
@@ -546,16 +548,9 @@ fn measure_two(
         [Some(x), Some(y)] if x + y > 0.0 => Some((x + y).powi(2) / (2.0 * (x * x + y * y))),
         _ => None,
     };
-    let window = (
-        t0 + Duration::from_secs_f64(SKIP_SECS + 0.1),
-        t0 + Duration::from_secs(client.secs.into()),
-    );
-    let peak_over_mean = sampler::peak_and_mean(&samples, window.0, window.1)
-        .filter(|(_, mean)| *mean > 0.0)
-        .map(|(peak, mean)| peak / mean);
     Ok(Measured {
         report: sum_reports(a, &b),
-        peak_over_mean,
+        peak_over_mean: peak_over_mean(&samples, t0, client.secs),
         jain,
     })
 }
