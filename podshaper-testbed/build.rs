@@ -3,7 +3,7 @@ use std::{env, path::PathBuf, process::Command};
 
 use anyhow::{bail, Context, Result};
 
-const OBJECTS: &[&str] = &["cb_probe", "edt", "forge"];
+const OBJECTS: &[&str] = &["cb_probe", "edt", "forge", "third_party"];
 
 fn main() -> Result<()> {
     let out = PathBuf::from(env::var("OUT_DIR")?);

@@ -1,17 +1,22 @@
 //! sock_ops programs of the tests' own. The callback probe (bpf/cb_probe.bpf.c), standing in for
 //! another tool's, asks for state callbacks on the connections it sees open and counts the
 //! closes it is then told of: it checks that podshaper's programs add to a socket's callback
-//! flags rather than replace them. The option forger (bpf/forge.bpf.c) writes malformed rate
-//! options.
-use std::{fs::File, os::fd::AsFd, path::Path};
+//! flags rather than replace them. The option forger (bpf/forge.bpf.c) writes rate options of
+//! the test's choosing; the third party (bpf/third_party.bpf.c, on tc) moves them onto ACKs
+//! outside the sender's window.
+use std::{
+    fs::File,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+};
 
 use aya::{
     maps::Array,
-    programs::{CgroupAttachMode, SockOps},
+    programs::{tc, CgroupAttachMode, SchedClassifier, SockOps, TcAttachType},
     Ebpf,
 };
 
-use crate::Error;
+use crate::{Error, Netns};
 
 static CB_PROBE_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cb_probe.bpf.o"));
 
@@ -102,5 +107,64 @@ impl OptionForger {
             .map_err(|e| bpf_err("set forge_cfg".into(), e))?;
         attach(&mut ebpf, "forge", cgroup)?;
         Ok(Self { _ebpf: ebpf })
+    }
+}
+
+static THIRD_PARTY_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/third_party.bpf.o"));
+
+/// A third party on the path (bpf/third_party.bpf.c): on an interface's egress, each pure ACK
+/// carrying the rate option is preceded by a copy whose ACK number is 2^30 ahead (outside the
+/// sender's window), option kept, and goes itself with the option turned into NOPs. Detached
+/// when dropped.
+pub struct ThirdParty {
+    ebpf: Ebpf,
+}
+
+impl ThirdParty {
+    /// Loads the program and attaches it to the egress of `iface` in `ns`.
+    pub fn attach(ns: &Netns, iface: &str) -> Result<Self, Error> {
+        let what = format!("attach third_party to {iface} in {}", ns.name());
+        let mut ebpf =
+            Ebpf::load(THIRD_PARTY_OBJ).map_err(|e| bpf_err("load third_party.bpf.o".into(), e))?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut("third_party")
+            .ok_or_else(|| bpf_err(what.clone(), "no program third_party"))?
+            .try_into()
+            .map_err(|e| bpf_err(what.clone(), e))?;
+        prog.load().map_err(|e| bpf_err(what.clone(), e))?;
+        let path = ns.path();
+        let file = File::open(&path).map_err(|source| Error::Io {
+            what: format!("open {}", path.display()),
+            source,
+        })?;
+        // The interface's name and index are the namespace's: attach from a thread inside it.
+        // The attachment (a tcx link, or a clsact filter before 6.6) stays with the interface.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on a namespace fd we hold; it moves only this scoped thread.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(bpf_err(what.clone(), std::io::Error::last_os_error()));
+                }
+                // Only netlink attachments (kernels before 6.6) need the qdisc; an existing
+                // one is fine.
+                let _ = tc::qdisc_add_clsact(iface);
+                prog.attach(iface, TcAttachType::Egress)
+                    .map_err(|e| bpf_err(what.clone(), e))
+            })
+            .join()
+            .map_err(|_| bpf_err(what.clone(), "attach thread panicked"))?
+        })?;
+        Ok(Self { ebpf })
+    }
+
+    /// (Copies sent outside the window, real ACKs stripped of the option) so far.
+    pub fn counts(&self) -> Result<(u64, u64), Error> {
+        let map = self
+            .ebpf
+            .map("tp_counts")
+            .ok_or_else(|| bpf_err("read tp_counts".into(), "no map"))?;
+        let counts: Array<_, u64> = Array::try_from(map).map_err(|e| bpf_err("read tp_counts".into(), e))?;
+        let get = |i| counts.get(&i, 0).map_err(|e| bpf_err("read tp_counts".into(), e));
+        Ok((get(0)?, get(1)?))
     }
 }

@@ -445,6 +445,122 @@ async fn the_limit_never_lapses_while_the_agent_restarts() {
     drop(pod);
 }
 
+/// L3 mean of the report's intervals within from..to seconds, weighted by their length.
+fn l3_between(r: &podshaper_testbed::IperfReport, from: f64, to: f64) -> f64 {
+    let (bits, secs) = r
+        .intervals
+        .iter()
+        .filter(|i| i.start >= from && i.end <= to)
+        .fold((0.0, 0.0), |(b, s), i| {
+            (b + i.bits_per_second * (i.end - i.start), s + i.end - i.start)
+        });
+    assert!(secs > 0.0, "no interval within {from}..{to} s");
+    L3::TCP_V4.l3_bps(bits / secs)
+}
+
+/// A counter of the agent's `podshaper_rate_options_total` for `event`.
+fn rate_options(agent: &AgentProcess, event: &str) -> u64 {
+    let m = agent.metrics().unwrap();
+    let prefix = format!(r#"podshaper_rate_options_total{{event="{event}"}} "#);
+    m.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in\n{m}"))
+        .parse()
+        .unwrap()
+}
+
+// Two nodes under one control plane, each with its agent, its own cgroup subtree
+// (--cgroup-root, where its kubelet puts pods), bpffs and node-level program: node B's agent
+// never sees the pod of node A, only its rate option. A pod on A downloads from a pod on B, and
+// an annotation change on A's pod reaches B's sender live, on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingress_annotation_paces_a_sender_on_another_node_live() {
+    let Some(_g) = privileged() else { return };
+    let cluster = cluster().await;
+    let mount = podshaper_ebpf::cgroup::cgroup2_mount().unwrap();
+    let node = |name: &str| {
+        let prefix = unique_name(name);
+        std::fs::create_dir(mount.join(&prefix)).unwrap();
+        let kubelet = cluster.kubelet(name, CgroupDriver::Cgroupfs, &prefix).unwrap();
+        let root = mount.join(&prefix);
+        let root = root.to_str().unwrap();
+        let bin = Path::new(env!("CARGO_BIN_EXE_podshaper"));
+        let caps = chart_capabilities();
+        let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+        let agent = AgentProcess::start(
+            bin,
+            name,
+            &cluster.agent_kubeconfig,
+            None,
+            &caps,
+            &["--cgroup-root", root, "--cgroup-driver", "cgroupfs"],
+        )
+        .expect("agent");
+        (kubelet, agent)
+    };
+    let (kubelet_a, agent_a) = node("node-a");
+    let (kubelet_b, agent_b) = node("node-b");
+    let pair = NetnsPair::new().unwrap();
+    let web = kubelet_a
+        .run_pod(NS, "web", QosClass::Burstable, &[(INGRESS, "30M")], "198.18.0.1")
+        .await
+        .unwrap();
+    let files = kubelet_b
+        .run_pod(NS, "files", QosClass::Burstable, &[], "198.18.0.2")
+        .await
+        .unwrap();
+    wait_limits(&agent_a, "web", lim(None, Some(30 * M)), Duration::from_secs(5));
+    assert_eq!(limits(&agent_b, "web"), None, "node B's agent limits A's pod");
+
+    // The server runs in B's pod; the client in A's pod downloads from it.
+    let _server =
+        IperfServer::start(pair.b(), Some(&files.cgroup), &ServerOptions::default()).expect("iperf3 server");
+    let opts = ClientOptions {
+        traffic: Traffic::Tcp {
+            congestion: Some("cubic".into()),
+        },
+        secs: 9,
+        interval: 0.5,
+        reverse: true,
+        ..ClientOptions::new(IpAddr::V4(NetnsPair::B_V4))
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let r = thread::scope(|s| {
+        let traffic = s.spawn(|| run_client(pair.a(), Some(&web.cgroup), &opts).expect("iperf3"));
+        thread::sleep(Duration::from_secs(4));
+        // This thread blocks a worker of the test's runtime; the other one serves the request.
+        s.spawn(|| runtime.block_on(kubelet_a.annotate(NS, "web", &[(INGRESS, Some("60M"))])))
+            .join()
+            .unwrap()
+            .unwrap();
+        wait_limits(&agent_a, "web", lim(None, Some(60 * M)), Duration::from_secs(1));
+        traffic.join().unwrap()
+    });
+    assert_near("ingress 30M from node B", l3_between(&r, 1.0, 4.0), 30 * M);
+    assert_near(
+        "ingress 60M from node B, after the change",
+        l3_between(&r, 6.0, 9.0),
+        60 * M,
+    );
+    let retransmits = r.retransmits.expect("TCP report has retransmits");
+    assert!(
+        retransmits <= 40,
+        "{retransmits} retransmits: node B's sender was policed, not paced"
+    );
+    // The rate came in-band: A wrote it, B took it.
+    assert!(
+        rate_options(&agent_a, "written") > 0,
+        "node A wrote no rate option"
+    );
+    assert!(rate_options(&agent_b, "taken") > 0, "node B took no rate option");
+    assert_eq!(
+        rate_options(&agent_a, "taken"),
+        0,
+        "node A paced a sender of its own"
+    );
+    drop((web, files));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_node_of_110_pods_is_limited() {
     let Some(_g) = privileged() else { return };

@@ -455,6 +455,55 @@ fn a_malformed_rate_option_is_counted_and_ignored() {
     }
 }
 
+// An option counts only on an ACK within the sender's snd_una..snd_nxt: the kernel parses it
+// before tcp_ack checks the ACK, so a third party that can reach the sender could otherwise set
+// any rate. Here one on the receiver's link sends, before each of the receiver's pure ACKs, a
+// copy whose ACK number is 2^30 ahead, keeping a well-formed 1 Mbit/s option, and strips the
+// option from the real ACK.
+#[test]
+fn a_rate_option_on_an_ack_outside_the_window_changes_no_rate() {
+    let Some(_g) = privileged() else { return };
+    let lab = TwoNodes::new("window");
+    let one_mbit = (1 << 28) | 1_000;
+    // Control: on the receiver's own ACKs, the forger's option is taken and holds the flow.
+    {
+        let _forger = podshaper_testbed::probe::OptionForger::attach(lab.pod.path(), 8, one_mbit)
+            .expect("attach the option forger");
+        let r = lab.download(1, 2);
+        let got = ratio(&r, L3::TCP_V4, M);
+        let taken = lab.b.node_stats().expect("B's counters").opt_taken;
+        assert!(
+            taken > 0 && got < 3.0,
+            "control: the forged 1 Mbit/s option was not taken ({taken} taken, {got:.1} Mbit/s)"
+        );
+    }
+    let before = lab.b.node_stats().expect("B's counters");
+    let _forger = podshaper_testbed::probe::OptionForger::attach(lab.pod.path(), 8, one_mbit)
+        .expect("attach the option forger");
+    let third = podshaper_testbed::probe::ThirdParty::attach(lab.pair.a(), lab.pair.veth_a())
+        .expect("attach the third party");
+    let r = lab.download(1, 2);
+    let (copies, stripped) = third.counts().expect("third party's counters");
+    assert!(
+        copies > 100 && stripped > 100,
+        "the third party did not work: {copies} copies, {stripped} options stripped"
+    );
+    let got = ratio(&r, L3::TCP_V4, M);
+    assert!(
+        got > 20.0,
+        "{got:.1} Mbit/s: the rate from outside the window held the flow"
+    );
+    let after = lab.b.node_stats().expect("B's counters");
+    assert!(
+        after.opt_outside > before.opt_outside,
+        "no option counted as outside the window: {after:?}"
+    );
+    assert_eq!(
+        after.opt_taken, before.opt_taken,
+        "an option outside the window was taken: {after:?}"
+    );
+}
+
 // The receiver's node tells the sender "no limit" on its next pure ACKs when the limit goes,
 // and a rate lapses PS_REMOTE_TTL_NS (1 s) after its last option in any case.
 #[test]

@@ -173,9 +173,12 @@ fn tier(kernel: &Kernel, built: &Built, filter: Option<&str>) -> Result<TierResu
     let mut node = Guest::new(kernel.clone(), BOOT_TIMEOUT)
         .with_files(files)
         // nf_tables, its NAT and the xtables DNAT target iptables-nft uses for the tests' Service
-        // stand-in.
+        // stand-in; clsact and the bpf classifier for the tests' third party on tc before 6.6
+        // (tcx needs neither).
         .with_modules(&[
             "veth",
+            "sch_ingress",
+            "cls_bpf",
             "nf_tables",
             "nft_chain_nat",
             "nft_nat",
