@@ -1,6 +1,6 @@
 //! The test and bench harness of podshaper, on top of the lab (podshaper-lab, re-exported
 //! here): a real Kubernetes control plane with a stand-in kubelet, TBF set up by the real
-//! bandwidth CNI plugin, a datapath pinned in a private bpffs directory, a sock_ops probe of
+//! bandwidth CNI plugin, a Service stand-in (DNAT), a datapath pinned in a private bpffs directory, a sock_ops probe of
 //! the tests' own, BPF run-time statistics and the machine's busy CPU time. Needs root. Never
 //! a normal dependency of a shipped binary.
 pub mod bpf_stats;
@@ -10,6 +10,7 @@ pub mod guest;
 pub mod k8s;
 pub mod probe;
 pub mod sampler;
+pub mod service;
 pub mod tbf;
 
 pub use datapath::TempDatapath;

@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::Path,
     process::{Command, Stdio},
     sync::{Mutex, MutexGuard, OnceLock},
@@ -379,30 +379,9 @@ fn a_client_through_a_service_address_is_paced() {
     let mut lab = TwoNodes::new("service");
     let limit = scaled(50 * M);
     lab.limit(Some(limit));
-    // A Service stand-in in B: the address is routed out of the veth (the socket's route
-    // lookup happens before the DNAT) and rewritten to the pod's in OUTPUT, as kube-proxy does.
-    let vip = Ipv4Addr::new(198, 19, 255, 10);
-    let b = lab.pair.b();
-    b.ip(&["route", "add", &format!("{vip}/32"), "dev", lab.pair.veth_b()])
-        .expect("route the Service address");
-    b.run(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-d",
-            &vip.to_string(),
-            "-p",
-            "tcp",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &NetnsPair::A_V4.to_string(),
-        ],
-    )
-    .expect("DNAT the Service address (make deps installs iptables)");
+    // A Service stand-in in B (the route and the DNAT kube-proxy would make there).
+    let vip = podshaper_testbed::service::add(&lab.pair)
+        .expect("a Service address in B (make deps installs iptables)");
     // The pod serves; the client on node B uploads to the Service address.
     let _server =
         IperfServer::start(lab.pair.a(), Some(&lab.pod), &ServerOptions::default()).expect("iperf3 server");

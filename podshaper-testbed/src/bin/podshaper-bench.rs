@@ -98,6 +98,9 @@ enum Sender {
     /// Half the flows from each of two other nodes (two datapaths of their own): they share
     /// the pod's limit, fairly.
     TwoNodes,
+    /// A client on another node uploads to the pod through a Service address (DNAT in its
+    /// namespace, as kube-proxy does): its socket's peer is the Service, not the pod.
+    Service,
 }
 
 impl Sender {
@@ -109,6 +112,7 @@ impl Sender {
             (_, Sender::OtherNode) => "other node",
             (_, Sender::NoPodshaper) => "no podshaper",
             (_, Sender::TwoNodes) => "two nodes",
+            (_, Sender::Service) => "other node, via Service",
         }
     }
 }
@@ -138,6 +142,7 @@ impl Case {
             (Dir::Ingress, Sender::OtherNode) => " from-other-node",
             (Dir::Ingress, Sender::NoPodshaper) => " from-no-podshaper",
             (Dir::Ingress, Sender::TwoNodes) => " from-two-nodes",
+            (Dir::Ingress, Sender::Service) => " via-service",
             _ => "",
         };
         format!(
@@ -204,7 +209,7 @@ fn run(args: Args) -> Result<()> {
     // The other nodes, for senders elsewhere.
     let remote = if cases
         .iter()
-        .any(|c| matches!(c.sender, Sender::OtherNode | Sender::TwoNodes))
+        .any(|c| matches!(c.sender, Sender::OtherNode | Sender::TwoNodes | Sender::Service))
     {
         Some(TempDatapath::load("podshaper-bench-remote").context("load the second node's datapath")?)
     } else {
@@ -215,9 +220,18 @@ fn run(args: Args) -> Result<()> {
     } else {
         None
     };
+    let service = if cases.iter().any(|c| c.sender == Sender::Service) {
+        Some(
+            podshaper_testbed::service::add(&pair)
+                .context("a Service address (make deps installs iptables)")?,
+        )
+    } else {
+        None
+    };
     let remotes = Remotes {
         one: remote.as_ref(),
         two: remote2.as_ref(),
+        service,
     };
     let started = Instant::now();
     let info = RunInfo::collect()?;
@@ -331,12 +345,16 @@ fn matrix(args: &Args) -> Vec<Case> {
                 (Shaper::Podshaper, Dir::Ingress, Some(_)) if target <= G && flows >= 8 => &[
                     Sender::ThisNode,
                     Sender::OtherNode,
+                    Sender::Service,
                     Sender::NoPodshaper,
                     Sender::TwoNodes,
                 ],
-                (Shaper::Podshaper, Dir::Ingress, Some(_)) if target <= G => {
-                    &[Sender::ThisNode, Sender::OtherNode, Sender::NoPodshaper]
-                }
+                (Shaper::Podshaper, Dir::Ingress, Some(_)) if target <= G => &[
+                    Sender::ThisNode,
+                    Sender::OtherNode,
+                    Sender::Service,
+                    Sender::NoPodshaper,
+                ],
                 _ => &[Sender::ThisNode],
             };
             for &sender in senders {
@@ -383,6 +401,8 @@ struct Measured {
 struct Remotes<'a> {
     one: Option<&'a TempDatapath>,
     two: Option<&'a TempDatapath>,
+    /// The Service address in B, DNAT'ed to the pod.
+    service: Option<std::net::Ipv4Addr>,
 }
 
 /// Runs one case in a fresh cgroup; returns what it measured and a note on what the shaper did.
@@ -431,7 +451,7 @@ fn run_case(
             };
             let (peer, peer2) = match case.sender {
                 Sender::ThisNode => (Some(dp.pod("bench-peer")?), None),
-                Sender::OtherNode => (on(remotes.one, "bench-remote")?, None),
+                Sender::OtherNode | Sender::Service => (on(remotes.one, "bench-remote")?, None),
                 Sender::NoPodshaper => (None, None),
                 Sender::TwoNodes => (
                     on(remotes.one, "bench-remote")?,
@@ -440,9 +460,16 @@ fn run_case(
             };
             dp.set(&cg.dir()?, Limits::from_bps(limit, limit)?)
                 .context("set limits")?;
-            let report = match &peer2 {
-                Some(second) => measure_two(pair, &cg, [peer.as_ref(), Some(second)], &client),
-                None => measure(pair, &cg, peer.as_ref(), &client, case.dir),
+            let report = match (&peer2, case.sender, remotes.service) {
+                (Some(second), _, _) => measure_two(pair, &cg, [peer.as_ref(), Some(second)], &client),
+                (None, Sender::Service, Some(vip)) => {
+                    let Some(peer) = &peer else {
+                        bail!("no cgroup for the Service's client")
+                    };
+                    measure_upload(pair, &cg, peer, vip, &client)
+                }
+                (None, Sender::Service, None) => bail!("no Service address"),
+                (None, _, _) => measure(pair, &cg, peer.as_ref(), &client, case.dir),
             };
             let note = match dp.state(cg.id()) {
                 Ok(Some(s)) => {
@@ -478,6 +505,33 @@ fn measure(
     let report = report?;
     Ok(Measured {
         report,
+        peak_over_mean: peak_over_mean(&samples, t0, client.secs),
+        jain: None,
+    })
+}
+
+/// Like [`measure`] for an ingress case the other way round: the server in A inside `cg`, the
+/// client in B inside `client_cg` uploading to `to` (a Service address) with `client`'s
+/// traffic, flows and duration.
+fn measure_upload(
+    pair: &NetnsPair,
+    cg: &Cgroup,
+    client_cg: &Cgroup,
+    to: std::net::Ipv4Addr,
+    client: &ClientOptions,
+) -> Result<Measured> {
+    let _server = IperfServer::start(pair.a(), Some(cg), &ServerOptions::default())?;
+    let opts = ClientOptions {
+        server: to.into(),
+        reverse: false,
+        ..client.clone()
+    };
+    let sampler = InOctetsSampler::start(pair.a(), Duration::from_millis(100))?;
+    let t0 = Instant::now();
+    let report = run_client(pair.b(), Some(client_cg), &opts);
+    let samples = sampler.finish()?;
+    Ok(Measured {
+        report: report?,
         peak_over_mean: peak_over_mean(&samples, t0, client.secs),
         jain: None,
     })
@@ -856,7 +910,10 @@ fn method(args: &Args, secs: u32) -> Vec<String> {
             .into(),
         "sender (ingress): \"this node\" = iperf3 -s in a cgroup of the pod's node; \"other node\" = in \
          a cgroup of a second node (a second datapath on a subtree of its own: its node-level \
-         program never sees the pod's sockets, the rate option alone joins them); \"no podshaper\" \
+         program never sees the pod's sockets, the rate option alone joins them); \"other node, via \
+         Service\" = the other way round: iperf3 -s in the pod, iperf3 -c in the second node's \
+         cgroup uploading to a Service address DNAT'ed to the pod in B (iptables nat OUTPUT, as \
+         kube-proxy does), its columns from the client's report; \"no podshaper\" \
          = in a cgroup outside both nodes (only the receiver's policer acts); \"two nodes\" = half \
          the flows from each of two other nodes (two iperf3 pairs on two ports), rates summed, Jain's \
          index of the two senders' steady rates in the last column"
