@@ -43,7 +43,7 @@ type Field = (
 );
 
 // name, help, value, is a counter
-const FIELDS: [Field; 5] = [
+const FIELDS: [Field; 6] = [
     (
         "podshaper_pod_limit_bits_per_second",
         "Limit of the pod (L3 bits/s)",
@@ -72,6 +72,13 @@ const FIELDS: [Field; 5] = [
         "podshaper_pod_marks",
         "Congestion signals: CN on egress, ECN CE on ingress",
         |d| Some(d.marks),
+        true,
+    ),
+    (
+        "podshaper_pod_unpaced_flows",
+        "Ingress TCP flows dropped after their sender had time to pace at the rate option: \
+         senders without podshaper, or paths that strip TCP options",
+        |d| d.unpaced_flows,
         true,
     ),
 ];

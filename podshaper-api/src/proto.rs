@@ -89,6 +89,10 @@ pub struct DirectionStatus {
     pub marks: u64,
     /// TCP flows that moved data in the last epoch.
     pub flows: u32,
+    /// Ingress only: TCP flows the policer dropped after their sender had had time to pace at
+    /// the rate option (a sender without podshaper, or a path that strips TCP options).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unpaced_flows: Option<u64>,
 }
 
 /// The node's rate-option counters since the datapath was loaded ([docs/rate-option.md]):

@@ -299,6 +299,7 @@ impl State {
             drops: s.stats.drops[d],
             marks: s.stats.marks[d],
             flows: s.flows[d],
+            unpaced_flows: (d == INGRESS).then_some(s.stats.unpaced_flows),
         };
         CgroupStatus {
             cgroup: cgroup::path_of(&self.mount, s.id)

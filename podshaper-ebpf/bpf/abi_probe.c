@@ -30,5 +30,6 @@ int main(void)
 	OFF(ps_cgroup, dir, "dir");
 	OFF(ps_stats, marks, "marks");
 	OFF(ps_stats, adjusts, "adjusts");
+	OFF(ps_stats, unpaced_flows, "unpaced_flows");
 	return 0;
 }

@@ -101,7 +101,7 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	struct ps_dir_state *d;
 	struct ps_pkt p;
 	__u64 rate, now, depth;
-	int verdict = PS_PASS, mark = 0, control = 0;
+	int verdict = PS_PASS, mark = 0, control = 0, unpaced = 0;
 
 	// Loopback (127.0.0.0/8, ::1, the pod's own addresses) stays free and uncounted.
 	if (skb->ifindex == PS_LOOPBACK_IFINDEX)
@@ -164,6 +164,8 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	if (verdict & PS_VERDICT_PASS) {
 		d->tokens -= p.wire;
 		d->epoch_bytes += p.wire;
+	} else if (dir == PS_INGRESS && p.tcp && fl) {
+		unpaced = ps_flow_unpaced(&fl->opt_since, d->epoch);
 	} else if (control) {
 		// Never drop a TCP socket's control segments: ACKs clock the data flowing the other
 		// way, and a pod uploading at 15 Gbit/s with a 1M ingress limit stalled for a
@@ -178,6 +180,8 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		__sync_fetch_and_add(&st->marks[dir], 1);
 	if (verdict == PS_PASS_CN)
 		__sync_fetch_and_add(&st->marks[dir], 1);
+	if (unpaced)
+		__sync_fetch_and_add(&st->unpaced_flows, 1);
 	if (!(verdict & PS_VERDICT_PASS)) {
 		__sync_fetch_and_add(&st->drops[dir], 1);
 		return verdict;

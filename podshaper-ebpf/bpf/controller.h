@@ -34,6 +34,12 @@
 // At most 1.25x the limit, for one flow's share and for the aggregate gain.
 #define PS_SHARE_MAX(rate) ((rate) + (rate) / 4)
 
+// Epochs (200 ms) a flow's sender has, from the first rate option, to pace at it: its initial
+// window and what it sent before that ACK arrived may still meet the policer.
+#define PS_UNPACED_EPOCHS 4
+// ps_flow.opt_since of a flow already counted as unpaced.
+#define PS_OPT_SINCE_COUNTED 0xffffffffU
+
 // Verdict bits of cgroup_skb programs: bit 0 passes the packet, bit 1 asks for congestion
 // notification (egress only, kernel 5.3, 5cf1e914: a local TCP sender enters CWR; a UDP sender
 // sees ENOBUFS on drop).
@@ -308,6 +314,20 @@ static __always_inline int ps_judge(__s64 tokens, __u64 depth, int tcp, int dir,
 		return PS_DROP;
 	*mark = tokens <= 0 && (ect == 1 || ect == 2);
 	return PS_PASS;
+}
+
+// For an ingress TCP packet the policer drops: whether its flow now counts as unpaced, i.e.
+// its first rate option went out at least PS_UNPACED_EPOCHS ago (a paced sender is not dropped
+// after that) and it was not counted before. `*opt_since` is ps_flow.opt_since; `epoch` the
+// direction's current epoch. Marks the flow counted.
+static __always_inline int ps_flow_unpaced(__u32 *opt_since, __u32 epoch)
+{
+	__u32 since = *opt_since;
+
+	if (!since || since == PS_OPT_SINCE_COUNTED || epoch + 1 - since < PS_UNPACED_EPOCHS)
+		return 0;
+	*opt_since = PS_OPT_SINCE_COUNTED;
+	return 1;
 }
 
 #endif

@@ -55,6 +55,11 @@ int PSH(judge)(__s64 tokens, __u64 depth, int tcp, int dir, int ect, int *mark)
 	return ps_judge(tokens, depth, tcp, dir, ect, mark);
 }
 
+int PSH(flow_unpaced)(__u32 *opt_since, __u32 epoch)
+{
+	return ps_flow_unpaced(opt_since, epoch);
+}
+
 __u32 PSH(opt_encode)(__u64 bytes_per_sec)
 {
 	return ps_opt_encode(bytes_per_sec);

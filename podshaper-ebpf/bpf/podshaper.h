@@ -66,9 +66,12 @@ struct ps_stats {
 	__u64 drops[2];
 	// Congestion signals: CN on egress (pass or drop), CE marks on ingress.
 	__u64 marks[2];
-	// Pacing-rate changes sock_ops made on the cgroup's sockets, in [PS_EGRESS];
-	// [PS_INGRESS] is kept for the layout and stays 0.
-	__u64 adjusts[2];
+	// Pacing-rate changes sock_ops made on the cgroup's sockets.
+	__u64 adjusts;
+	// Ingress TCP flows the policer dropped PS_UNPACED_EPOCHS or more after their first rate
+	// option: their sender does not pace (no podshaper on its node, or a path that strips TCP
+	// options). Each flow once. (Until ABI v3's later builds, adjusts[2]: same layout.)
+	__u64 unpaced_flows;
 };
 
 // Per-socket state of ps_flows (socket local storage).
@@ -97,7 +100,10 @@ struct ps_flow {
 	__u32 opt_rcv_nxt;
 	// Receiver side: "no limit" options still to send once the limit is lifted.
 	__u32 opt_lapse;
-	__u32 pad;
+	// Receiver side: the cgroup's ingress epoch (+1) when the flow's first rate option was
+	// reserved, 0 before; PS_OPT_SINCE_COUNTED once the flow was counted as unpaced. Written
+	// by sock_ops (first option) and the ingress program (counted). (Was padding.)
+	__u32 opt_since;
 };
 
 // Per-CPU counters of the rate option on this node, value of ps_node (one entry). Written by

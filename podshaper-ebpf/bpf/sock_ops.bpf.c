@@ -179,7 +179,7 @@ static __always_inline int ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup
 		                    sizeof(val))) {
 			fl->applied = target;
 			if (st)
-				__sync_fetch_and_add(&st->adjusts[PS_EGRESS], 1);
+				__sync_fetch_and_add(&st->adjusts, 1);
 		}
 	}
 	ps_clamp(skops, fl, target);
@@ -242,6 +242,8 @@ static __always_inline void ps_opt_len(struct bpf_sock_ops *skops, struct ps_cgr
 		return;
 	}
 	fl->opt_pending = value;
+	if (cg && !fl->opt_since && value != ps_opt_none())
+		fl->opt_since = READ_ONCE(cg->dir[PS_INGRESS].epoch) + 1;
 }
 
 // Receiver side, BPF_SOCK_OPS_WRITE_HDR_OPT_CB: writes the option ps_opt_len() reserved room

@@ -66,7 +66,11 @@ pub struct Stats {
     pub packets: [u64; 2],
     pub drops: [u64; 2],
     pub marks: [u64; 2],
-    pub adjusts: [u64; 2],
+    /// Pacing-rate changes sock_ops made on the cgroup's sockets.
+    pub adjusts: u64,
+    /// Ingress TCP flows the policer dropped after their sender had time to pace at their rate
+    /// option: senders without podshaper, or paths that strip TCP options.
+    pub unpaced_flows: u64,
 }
 
 impl Stats {
@@ -77,8 +81,9 @@ impl Stats {
             self.packets[d] += o.packets[d];
             self.drops[d] += o.drops[d];
             self.marks[d] += o.marks[d];
-            self.adjusts[d] += o.adjusts[d];
         }
+        self.adjusts += o.adjusts;
+        self.unpaced_flows += o.unpaced_flows;
     }
 }
 
@@ -96,7 +101,7 @@ pub struct Flow {
     pub opt_pending: u32,
     pub opt_rcv_nxt: u32,
     pub opt_lapse: u32,
-    pub pad: u32,
+    pub opt_since: u32,
 }
 
 /// `struct ps_node_stats`: one CPU's rate-option counters of the node (see podshaper.h).
@@ -165,6 +170,7 @@ mod tests {
         assert_eq!(offset_of!(Cgroup, dir), c::OFF_ps_cgroup_dir);
         assert_eq!(offset_of!(Stats, marks), c::OFF_ps_stats_marks);
         assert_eq!(offset_of!(Stats, adjusts), c::OFF_ps_stats_adjusts);
+        assert_eq!(offset_of!(Stats, unpaced_flows), c::OFF_ps_stats_unpaced_flows);
     }
 
     // Migration reads an older version's limits from the head of its ps_cgroup value: that

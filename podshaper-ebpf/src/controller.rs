@@ -34,6 +34,7 @@ mod ffi {
         pub fn psh_depth(d: *const DirState, rate: u64) -> u64;
         pub fn psh_bucket_cap(d: *const DirState, rate: u64) -> u64;
         pub fn psh_judge(tokens: i64, depth: u64, tcp: i32, dir: i32, ect: i32, mark: *mut i32) -> i32;
+        pub fn psh_flow_unpaced(opt_since: *mut u32, epoch: u32) -> i32;
     }
 
     #[link(name = "ps_controller_undamped", kind = "static")]
@@ -73,6 +74,10 @@ fn depth(d: &DirState, rate: u64) -> u64 {
 
 fn bucket_cap(d: &DirState, rate: u64) -> u64 {
     unsafe { ffi::psh_bucket_cap(d, rate) }
+}
+
+fn flow_unpaced(opt_since: &mut u32, epoch: u32) -> bool {
+    unsafe { ffi::psh_flow_unpaced(opt_since, epoch) != 0 }
 }
 
 /// (verdict, CE mark) for a packet at this debt.
@@ -416,4 +421,27 @@ fn damping_keeps_32_flows_at_10m_out_of_a_limit_cycle() {
         trough < -0.3 && crest > 0.3,
         "no cycle without damping: {undamped:?}"
     );
+}
+
+// A drop counts a flow as unpaced only once its sender had PS_UNPACED_EPOCHS (4) epochs
+// to pace at its first option, and only once.
+#[test]
+fn a_flow_counts_as_unpaced_once_and_only_after_its_grace() {
+    let mut since = 0;
+    assert!(!flow_unpaced(&mut since, 10), "no option sent yet");
+    // First option in epoch 10 (stored +1).
+    since = 11;
+    for epoch in 10..14 {
+        assert!(
+            !flow_unpaced(&mut since, epoch),
+            "epoch {epoch}: still in its grace"
+        );
+    }
+    assert!(flow_unpaced(&mut since, 14));
+    assert!(!flow_unpaced(&mut since, 15), "counted twice");
+    assert!(!flow_unpaced(&mut since, 1000), "counted twice");
+    // The epoch counter wraps without a false count.
+    let mut since = u32::MAX - 1;
+    assert!(!flow_unpaced(&mut since, u32::MAX - 1));
+    assert!(flow_unpaced(&mut since, 2));
 }

@@ -332,7 +332,7 @@ fn print_node(n: Option<&NodeStatus>) {
 fn print_table(rows: &[CgroupStatus]) {
     let lim = |r: &Option<Rate>| r.map(|r| r.to_string()).unwrap_or_else(|| "-".into());
     println!(
-        "{:<44} {:>9} {:>10} {:>9} {:>10} {:>12} {:>12} {:>11} {:>11}",
+        "{:<44} {:>9} {:>10} {:>9} {:>10} {:>12} {:>12} {:>11} {:>11} {:>7}",
         "NAME (POD OR CGROUP)",
         "EGRESS",
         "EG-RATE",
@@ -341,11 +341,12 @@ fn print_table(rows: &[CgroupStatus]) {
         "EG-BYTES",
         "IN-BYTES",
         "DROPS(E/I)",
-        "MARKS(E/I)"
+        "MARKS(E/I)",
+        "UNPACED"
     );
     for r in rows {
         println!(
-            "{:<44} {:>9} {:>10} {:>9} {:>10} {:>12} {:>12} {:>11} {:>11}",
+            "{:<44} {:>9} {:>10} {:>9} {:>10} {:>12} {:>12} {:>11} {:>11} {:>7}",
             r.name.clone().unwrap_or_else(|| r.cgroup.display().to_string()),
             lim(&r.egress.limit),
             human_bps(r.egress.rate_bps as f64),
@@ -355,6 +356,7 @@ fn print_table(rows: &[CgroupStatus]) {
             r.ingress.bytes,
             format!("{}/{}", r.egress.drops, r.ingress.drops),
             format!("{}/{}", r.egress.marks, r.ingress.marks),
+            r.ingress.unpaced_flows.unwrap_or(0),
         );
     }
 }

@@ -52,6 +52,11 @@ struct Args {
     /// (repeat or separate with commas: any of them).
     #[arg(long, value_name = "TEXT", value_delimiter = ',')]
     filter: Vec<String>,
+    /// The pod's namespace asks for ECN on the connections it opens (net.ipv4.tcp_ecn=1; Linux
+    /// peers accept it by default), so podshaper's ingress policer can mark CE where it would
+    /// otherwise only pass or drop.
+    #[arg(long)]
+    ecn: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -201,6 +206,11 @@ fn run(args: Args) -> Result<()> {
     let secs = args.secs.unwrap_or(if args.quick { 4 } else { 5 });
     let cases = matrix(&args);
     let pair = NetnsPair::new().context("create the two-namespace lab")?;
+    if args.ecn {
+        pair.a()
+            .run("sysctl", &["-qw", "net.ipv4.tcp_ecn=1"])
+            .context("ask for ECN in the pod's namespace")?;
+    }
     let mut datapath = if args.shaper.contains(&Shaper::Podshaper) || !args.no_overhead {
         Some(TempDatapath::load("podshaper-bench").context("load the podshaper datapath")?)
     } else {
@@ -475,8 +485,8 @@ fn run_case(
                 Ok(Some(s)) => {
                     let d = if case.dir == Dir::Egress { 0 } else { 1 };
                     format!(
-                        " (drops {} marks {} adjusts {})",
-                        s.stats.drops[d], s.stats.marks[d], s.stats.adjusts[d]
+                        " (drops {} marks {} adjusts {} unpaced flows {})",
+                        s.stats.drops[d], s.stats.marks[d], s.stats.adjusts, s.stats.unpaced_flows
                     )
                 }
                 _ => String::new(),
@@ -898,11 +908,16 @@ impl RunInfo {
 
 /// How the numbers were made and what they count, one line each.
 fn method(args: &Args, secs: u32) -> Vec<String> {
+    let ecn = if args.ecn {
+        "; ECN asked for by A (net.ipv4.tcp_ecn=1) and accepted by B"
+    } else {
+        "; no ECN (Linux's default: accepted, never asked for)"
+    };
     vec![
         format!(
             "lab: namespaces A (the pod) and B (its peer, the node side) joined by a veth pair, MTU 1500, \
              IPv4; per case a fresh cgroup, iperf3 -c in A inside it against a one-off iperf3 -s in B; \
-             {secs} s per case, 100 ms report intervals"
+             {secs} s per case, 100 ms report intervals{ecn}"
         ),
         "podshaper: the podshaper-ebpf datapath (private pins, its node-level program on a cgroup \
          subtree standing for the node), egress and ingress limit = target on the case's cgroup in \
@@ -1014,14 +1029,14 @@ mod tests {
     fn matrix_sizes() {
         let quick = Args::parse_from(["podshaper-bench", "--quick"]);
         // 2 directions x (2 cc x 2 flow counts + 1 UDP) x 2 shapers, and podshaper's ingress
-        // TCP again from another node and from one without podshaper (2 cc x 2 flows x 2).
-        // Two sender nodes at 8 flows: 2 more.
-        assert_eq!(matrix(&quick).len(), 30);
+        // TCP again from another node, through a Service and from one without podshaper (2 cc
+        // x 2 flows x 3). Two sender nodes at 8 flows: 2 more.
+        assert_eq!(matrix(&quick).len(), 34);
         let full = Args::parse_from(["podshaper-bench"]);
         // 2 shapers x 2 directions x (4 targets x 2 cc x 3 flows + 3 targets x 3 flows), and
-        // the two other senders of podshaper's ingress TCP up to 1G (3 targets x 2 cc x 3 x 2).
-        // Two sender nodes at 8 and 32 flows up to 1G: 3 targets x 2 cc x 2.
-        assert_eq!(matrix(&full).len(), 180);
+        // the three other senders of podshaper's ingress TCP up to 1G (3 targets x 2 cc x 3 x
+        // 3). Two sender nodes at 8 and 32 flows up to 1G: 3 targets x 2 cc x 2.
+        assert_eq!(matrix(&full).len(), 198);
         assert_eq!(
             matrix(&full)
                 .iter()
