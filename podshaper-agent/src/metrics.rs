@@ -319,6 +319,7 @@ mod tests {
         };
         status.egress.limit = Some(Rate::parse_quantity("10M").unwrap());
         status.egress.bytes = 1234;
+        status.ingress.unpaced_flows = Some(3);
         m.set_pods(vec![PodSample {
             namespace: "ns".into(),
             pod: "web".into(),
@@ -335,6 +336,10 @@ mod tests {
         has(r#"podshaper_pod_limit_bits_per_second{namespace="ns",pod="web",direction="egress"} 10000000"#);
         has(r#"podshaper_pod_bytes_total{namespace="ns",pod="web",direction="egress"} 1234"#);
         has(r#"podshaper_invalid_annotations_total{namespace="ns",pod="bad"} 1"#);
+        has(r#"podshaper_pod_unpaced_flows_total{namespace="ns",pod="web",direction="ingress"} 3"#);
+        // Egress has no such count: no series.
+        assert!(!text
+            .contains(r#"podshaper_pod_unpaced_flows_total{namespace="ns",pod="web",direction="egress"}"#));
         has("podshaper_pods_limited 1");
         assert!(
             !text.contains("podshaper_rate_options"),

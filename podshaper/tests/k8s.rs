@@ -558,6 +558,11 @@ async fn an_ingress_annotation_paces_a_sender_on_another_node_live() {
         0,
         "node A paced a sender of its own"
     );
+    // The flow was paced, so not counted as unpaced (a policed one is: privileged.rs).
+    let unpaced =
+        format!(r#"podshaper_pod_unpaced_flows_total{{namespace="{NS}",pod="web",direction="ingress"}} 0"#);
+    let m = agent_a.metrics().unwrap();
+    assert!(m.lines().any(|l| l == unpaced), "{unpaced} not in\n{m}");
     drop((web, files));
 }
 
