@@ -40,8 +40,8 @@ const BEGIN_MARK: &str = "PODSHAPER-GUEST-BEGIN";
 const EXIT_MARK: &str = "PODSHAPER-GUEST-EXIT";
 /// Memory of a guest: enough for the jobs and the test binaries in the initramfs.
 const MEMORY_MB: u32 = 2048;
-/// The tap device in the guest's network namespace.
-const TAP: &str = "psguest0";
+/// The tap device in the guest's network namespace: the host's end of its link.
+pub const TAP: &str = "psguest0";
 /// How long a guest gets to power off before it is killed.
 const POWEROFF: Duration = Duration::from_secs(20);
 

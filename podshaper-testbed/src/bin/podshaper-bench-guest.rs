@@ -3,14 +3,22 @@
 //! because this host has no sch_fq and the guest kernels have it as a module. Egress TCP from a
 //! "pod" namespace to its peer over veth, at 10M and 100M: goodput after the first second as L3
 //! over the target, and retransmits. Guests run under software emulation here, so the figures
-//! compare the two shapers with each other; they are not absolute. Needs root.
+//! compare the two shapers with each other; they are not absolute.
+//!
+//! A second table has the guest's pod receiving (ingress, iperf3 -R) from the host, a second
+//! kernel with a TCP stack of its own, over the guest's NIC: the host's sender paced by its own
+//! podshaper node-level program (a datapath on a cgroup subtree of its own) at the rate option
+//! the guest writes, the same sender on no podshaper node (only the guest's policer acts), and
+//! TBF on the host's end of the link with no podshaper limit (where the bandwidth plugin puts
+//! ingress TBF: the node side of the pod's link). Needs root.
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use podshaper_testbed::{
-    guest::{host_program, Guest, GuestNode, Kernel},
-    ClientOptions, IperfReport, NetnsPair, ServerOptions, Table, Traffic, L3,
+    guest::{host_program, Guest, GuestNode, Kernel, TAP},
+    Cgroup, ClientOptions, IperfReport, IperfServer, NetnsPair, ServerOptions, Table, TempDatapath, Traffic,
+    L3,
 };
 
 static EDT_OBJ: &str = concat!(env!("OUT_DIR"), "/edt.bpf.o");
@@ -42,6 +50,15 @@ fn main() -> Result<()> {
     );
     let podshaper = build_podshaper()?;
     let mut table = Table::new(["kernel", "shaper", "limit", "achieved / limit", "retransmits"]);
+    let mut ingress = Table::new([
+        "kernel (receiver)",
+        "sender (host, 6.18)",
+        "limit",
+        "steady / limit",
+        "retransmits",
+    ]);
+    // The host as a node: its node-level program paces the sockets of cgroups below it.
+    let host = TempDatapath::load("bench-guest-host").context("load the host's datapath")?;
     for k in Kernel::all()? {
         if !args.kernels.is_empty() && !args.kernels.contains(&k.series) {
             continue;
@@ -59,6 +76,7 @@ fn main() -> Result<()> {
             .with_files(files)
             // fq, clsact (sch_ingress) and the bpf classifier are modules of the cloud kernels.
             .with_modules(&["veth", "sch_fq", "sch_ingress", "cls_bpf"])
+            .with_network()
             .boot()?;
         let o = node.run(&setup(&podshaper)?, Duration::from_secs(60))?;
         ensure!(o.status == 0, "set up the guest's pod: {}", o.output);
@@ -80,10 +98,123 @@ fn main() -> Result<()> {
                 ]);
             }
         }
+        for rate in [10 * M, 100 * M] {
+            for sender in Sender::ALL {
+                let r = ingress_case(&mut node, &host, &podshaper, sender, rate, args.secs)?;
+                let steady = L3::TCP_V4.l3_bps(r.mean_after_bps(1.0).context("no intervals")?);
+                ingress.push([
+                    format!("Linux {}", k.release),
+                    sender.name().to_string(),
+                    format!("{}M", rate / M),
+                    format!("{:.3}", steady / rate as f64),
+                    r.retransmits.map_or("-".into(), |n| n.to_string()),
+                ]);
+            }
+        }
         node.shutdown()?;
     }
     println!("{}", table.to_text());
+    println!(
+        "Ingress: the guest's pod downloads from the host (cubic, one flow, {} s)\n",
+        args.secs
+    );
+    println!("{}", ingress.to_text());
     Ok(())
+}
+
+/// Who sends to the guest's pod, and what limits it.
+#[derive(Clone, Copy)]
+enum Sender {
+    /// A cgroup of the host's podshaper node: paced at the guest's rate option.
+    Paced,
+    /// A cgroup of no node: only the guest's policer acts.
+    NoPodshaper,
+    /// No podshaper limit in the guest; TBF at the root of the host's end of the link.
+    Tbf,
+}
+
+impl Sender {
+    const ALL: [Sender; 3] = [Sender::Paced, Sender::NoPodshaper, Sender::Tbf];
+
+    fn name(self) -> &'static str {
+        match self {
+            Sender::Paced => "podshaper node (option)",
+            Sender::NoPodshaper => "no podshaper (policer)",
+            Sender::Tbf => "TBF on the host's end",
+        }
+    }
+}
+
+/// One ingress case: the host's iperf3 server in the sender's cgroup, in the namespace of the
+/// host's end of the guest's link; the guest's pod (a cgroup of the guest's root namespace)
+/// downloads from it.
+fn ingress_case(
+    node: &mut GuestNode,
+    host: &TempDatapath,
+    podshaper: &std::path::Path,
+    sender: Sender,
+    rate: u64,
+    secs: u32,
+) -> Result<IperfReport> {
+    let ns = node.netns().context("the guest has no network")?;
+    let cgroup = match sender {
+        Sender::Paced => host.pod("guest-sender")?,
+        Sender::NoPodshaper | Sender::Tbf => Cgroup::new("guest-sender")?,
+    };
+    let _server = IperfServer::start(ns, Some(&cgroup), &ServerOptions::default())?;
+    let client = ClientOptions {
+        traffic: Traffic::Tcp {
+            congestion: Some("cubic".into()),
+        },
+        secs,
+        reverse: true,
+        ..ClientOptions::new(GuestNode::HOST_V4.into())
+    }
+    .args()
+    .iter()
+    .map(|a| a.to_string_lossy().into_owned())
+    .collect::<Vec<_>>()
+    .join(" ");
+    let ps = podshaper.display();
+    let limit = match sender {
+        Sender::Tbf => String::new(),
+        _ => format!("{ps} limit --cgroup /sys/fs/cgroup/pod --ingress {rate} >/dev/null || exit 1\n"),
+    };
+    let job = format!(
+        "export PATH={PATH} PODSHAPER_SOCKET=/run/ps.sock\n\
+         {limit}\
+         sh -c 'echo $$ > /sys/fs/cgroup/pod/cgroup.procs; exec iperf3 {client}' > /tmp/r.json\n\
+         rc=$?\n\
+         {ps} unlimit --cgroup /sys/fs/cgroup/pod >/dev/null 2>&1\n\
+         cat /tmp/r.json\nexit $rc\n"
+    );
+    if let Sender::Tbf = sender {
+        // 10 ms of the rate as the bucket (at least two full packets), 25 ms of queue.
+        let burst = (rate / 8 / 100).max(3028);
+        ns.run(
+            "tc",
+            &[
+                "qdisc",
+                "add",
+                "dev",
+                TAP,
+                "root",
+                "tbf",
+                "rate",
+                &rate.to_string(),
+                "burst",
+                &burst.to_string(),
+                "latency",
+                "25ms",
+            ],
+        )?;
+    }
+    let r = run_case(node, &job, secs);
+    if let Sender::Tbf = sender {
+        let ns = node.netns().context("the guest has no network")?;
+        ns.run("tc", &["qdisc", "del", "dev", TAP, "root"])?;
+    }
+    r
 }
 
 /// The pod's two namespaces (as the lab's, same addresses), the iperf3 server in B, the
