@@ -162,6 +162,11 @@ static __always_inline int ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup
 				share = rate;
 			fl->egress = ps_payload(skops, share);
 		}
+	} else if (!force && fl->handled_una != skops->snd_una) {
+		// The socket's cgroup program did not run for this ACK: it was detached (the limit
+		// lifted), and the egress share it set goes with it. Without this, an established
+		// flow stayed paced at the old limit until it ended.
+		fl->egress = 0;
 	}
 	target = fl->egress ? fl->egress : PS_UNLIMITED;
 	if (fl->remote && bpf_ktime_get_ns() - fl->remote_ns < PS_REMOTE_TTL_NS) {
