@@ -34,8 +34,9 @@
 // At most 1.25x the limit, for one flow's share and for the aggregate gain.
 #define PS_SHARE_MAX(rate) ((rate) + (rate) / 4)
 
-// Epochs (200 ms) a flow's sender has, from the first rate option, to pace at it: its initial
-// window and what it sent before that ACK arrived may still meet the policer.
+// Epochs (of PS_EPOCH_NS, 50 ms: 150-200 ms) a flow's sender has, from the first rate option,
+// to pace at it: its initial window and what it sent before that ACK arrived may still meet
+// the policer.
 #define PS_UNPACED_EPOCHS 4
 // ps_flow.opt_since of a flow already counted as unpaced.
 #define PS_OPT_SINCE_COUNTED 0xffffffffU
@@ -319,12 +320,19 @@ static __always_inline int ps_judge(__s64 tokens, __u64 depth, int tcp, int dir,
 // For an ingress TCP packet the policer drops: whether its flow now counts as unpaced, i.e.
 // its first rate option went out at least PS_UNPACED_EPOCHS ago (a paced sender is not dropped
 // after that) and it was not counted before. `*opt_since` is ps_flow.opt_since; `epoch` the
-// direction's current epoch. Marks the flow counted.
+// direction's current epoch. Marks the flow counted. A `since` ahead of the epoch means the
+// cgroup's state restarted (limit lifted and set again): the grace starts over.
 static __always_inline int ps_flow_unpaced(__u32 *opt_since, __u32 epoch)
 {
-	__u32 since = *opt_since;
+	__u32 since = *opt_since, age = epoch + 1 - since;
 
-	if (!since || since == PS_OPT_SINCE_COUNTED || epoch + 1 - since < PS_UNPACED_EPOCHS)
+	if (!since || since == PS_OPT_SINCE_COUNTED)
+		return 0;
+	if (age >= 0x80000000U) {
+		*opt_since = epoch + 1;
+		return 0;
+	}
+	if (age < PS_UNPACED_EPOCHS)
 		return 0;
 	*opt_since = PS_OPT_SINCE_COUNTED;
 	return 1;

@@ -247,8 +247,14 @@ static __always_inline void ps_opt_len(struct bpf_sock_ops *skops, struct ps_cgr
 		return;
 	}
 	fl->opt_pending = value;
-	if (cg && !fl->opt_since && value != ps_opt_none())
+	// The unpaced count's grace (ps_flow_unpaced) starts at the first rate and starts over
+	// after "no limit".
+	if (value == ps_opt_none()) {
+		if (fl->opt_since != PS_OPT_SINCE_COUNTED)
+			fl->opt_since = 0;
+	} else if (!fl->opt_since) {
 		fl->opt_since = READ_ONCE(cg->dir[PS_INGRESS].epoch) + 1;
+	}
 }
 
 // Receiver side, BPF_SOCK_OPS_WRITE_HDR_OPT_CB: writes the option ps_opt_len() reserved room

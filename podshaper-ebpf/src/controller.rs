@@ -444,4 +444,11 @@ fn a_flow_counts_as_unpaced_once_and_only_after_its_grace() {
     let mut since = u32::MAX - 1;
     assert!(!flow_unpaced(&mut since, u32::MAX - 1));
     assert!(flow_unpaced(&mut since, 2));
+    // The cgroup's state restarted (limit lifted and set again, epochs from 0): a grace that
+    // began at epoch 500 starts over instead of counting at once.
+    let mut since = 501;
+    assert!(!flow_unpaced(&mut since, 0), "counted across a restart");
+    assert_eq!(since, 1, "the grace starts over");
+    assert!(!flow_unpaced(&mut since, 3));
+    assert!(flow_unpaced(&mut since, 4));
 }

@@ -123,6 +123,8 @@ impl Datapath {
             node,
             ncpus,
         };
+        // This build's programs into the links an earlier daemon of this version pinned.
+        datapath.refresh_links()?;
         // Before the migration: senders on this node stay paced while the old version's
         // node-level program goes.
         datapath.sync_node_link()?;
@@ -240,6 +242,55 @@ impl Datapath {
             source,
         })?;
         debug!(?limits, generation = value.config.generation, "limits written");
+        Ok(())
+    }
+
+    // Puts this build's programs into every link pinned under this version (the node-level one
+    // and each limited cgroup's three). One ABI version means the same maps and layouts, so a
+    // daemon of a newer build of it can swap the programs in place: BPF_LINK_UPDATE does it
+    // atomically, and its fixes reach running limits instead of only new ones. Links of
+    // cgroups that are gone (ENOLINK) are left for collect_garbage.
+    fn refresh_links(&mut self) -> Result<(), Error> {
+        let mut links = Vec::new();
+        if self.pins.node_link().exists() {
+            links.push((self.pins.node_link(), "ps_node_ops"));
+        }
+        for id in self.pins.pinned_cgroups()? {
+            let dir = self.pins.cgroup_links(id);
+            for (pin, name) in [
+                ("sockops", "ps_sockops"),
+                ("egress", "ps_egress"),
+                ("ingress", "ps_ingress"),
+            ] {
+                links.push((dir.join(pin), name));
+            }
+        }
+        for (path, name) in links {
+            let fd = if name == "ps_egress" || name == "ps_ingress" {
+                program::<CgroupSkb>(&mut self.cgroup_skb, name)?.fd()
+            } else {
+                program::<SockOps>(&mut self.sock_ops, name)?.fd()
+            }
+            .map_err(|e| prog_err(&format!("use program {name}"), e))?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| Error::Io {
+                what: format!("duplicate the descriptor of {name}"),
+                source,
+            })?;
+            match sys::link_update(&path, fd.as_fd()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
+                    debug!(link = %path.display(), "cgroup gone, link left for collection");
+                }
+                Err(source) => {
+                    return Err(Error::Io {
+                        what: format!("put this build's {name} into {}", path.display()),
+                        source,
+                    })
+                }
+            }
+        }
         Ok(())
     }
 

@@ -1,10 +1,16 @@
 //! Raw map element syscalls for the cgroup storage maps. aya 0.14 only speaks the isolated
 //! `{cgroup id, attach type}` key; podshaper uses the shared `u64` key (one value per cgroup for
 //! all attach types, kernel 5.9), so these few calls are made directly, through the bare
-//! bpf(2) call that the feature probes use too.
+//! bpf(2) call that the feature probes use too. So is the swap of a pinned link's program,
+//! which aya 0.14 keeps to itself.
 use std::{
+    ffi::CString,
     io,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
 };
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -13,6 +19,49 @@ const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 pub(crate) const BPF_F_LOCK: u64 = 4;
 /// Update only an existing element (cgroup storage cannot be created from user space).
 pub(crate) const BPF_EXIST: u64 = 2;
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+#[repr(C)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Makes the link pinned at `path` run `prog` (BPF_LINK_UPDATE, kernel 5.7 for cgroup links):
+/// the kernel swaps the program atomically, with no moment where neither runs. Fails with
+/// ENOLINK when the link's cgroup is gone.
+pub(crate) fn link_update(path: &Path, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let name = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let get = ObjGetAttr {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: pathname points to a NUL-terminated string alive for the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &get)? };
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let update = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: no pointers in the attribute.
+    unsafe { bpf(BPF_LINK_UPDATE, &update)? };
+    Ok(())
+}
 
 #[repr(C)]
 struct ElemAttr {

@@ -87,7 +87,7 @@ SEC("classifier")
 int third_party(struct __sk_buff *skb)
 {
 	__be32 ack, moved, opt[2];
-	__u32 l4, end, off;
+	__u32 l4, end, off, mark;
 	struct iphdr ip;
 	__u8 doff_flags[2];
 
@@ -113,16 +113,19 @@ int third_party(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	moved = bpf_htonl(bpf_ntohl(ack) + TP_ACK_SHIFT);
+	// Any rewrite that fails half-way (checksum patched, bytes not) drops the packet: better
+	// lost than wrong.
 	if (replace_word(skb, l4, l4 + TP_TCP_ACK, ack, moved))
-		return TC_ACT_OK;
+		return TC_ACT_SHOT;
+	mark = skb->mark;
 	skb->mark = TP_MARK;
 	if (!bpf_clone_redirect(skb, skb->ifindex, 0))
 		count(0);
-	skb->mark = 0;
+	skb->mark = mark;
 	if (replace_word(skb, l4, l4 + TP_TCP_ACK, moved, ack) ||
 	    replace_word(skb, l4, off, opt[0], TP_NOPS) ||
 	    replace_word(skb, l4, off + 4, opt[1], TP_NOPS))
-		return TC_ACT_SHOT; // half rewritten: better lost than wrong
+		return TC_ACT_SHOT;
 	count(1);
 	return TC_ACT_OK;
 }

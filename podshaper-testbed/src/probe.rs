@@ -114,8 +114,9 @@ static THIRD_PARTY_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// A third party on the path (bpf/third_party.bpf.c): on an interface's egress, each pure ACK
 /// carrying the rate option is preceded by a copy whose ACK number is 2^30 ahead (outside the
-/// sender's window), option kept, and goes itself with the option turned into NOPs. Detached
-/// when dropped.
+/// sender's window), option kept, and goes itself with the option turned into NOPs. A tcx link
+/// (6.6 and later) goes when dropped; a clsact filter (before 6.6) stays until the interface
+/// goes with its namespace, as the tests' do.
 pub struct ThirdParty {
     ebpf: Ebpf,
 }

@@ -731,12 +731,54 @@ fn more_flows_child_cgroups_and_udp_floods_do_not_escape() {
 }
 
 fn attached_programs(cgroup: &Path) -> usize {
+    attached_ids(cgroup).len()
+}
+
+/// Ids of the programs attached to `cgroup` itself.
+fn attached_ids(cgroup: &Path) -> Vec<u64> {
     let out = Command::new("bpftool")
         .args(["cgroup", "show", &cgroup.to_string_lossy(), "-j"])
         .output()
         .expect("run bpftool (make deps installs it)");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    v.as_array().map(|a| a.len()).unwrap_or(0)
+    v.as_array()
+        .map(|a| a.iter().filter_map(|p| p["id"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+// A daemon of a newer build within one ABI version (same maps, same layouts) puts its
+// programs into the links an older build pinned, in place: its fixes reach the limits already
+// running, and the limits never lapse (the kernel swaps a link's program atomically).
+#[test]
+fn a_newer_build_of_this_version_swaps_its_programs_into_running_limits() {
+    let Some(_g) = privileged() else { return };
+    let mut dp = TempDatapath::load("swap").expect("load datapath");
+    let cg = dp.pod("swap").expect("cgroup");
+    let limits = lim(Some(10 * M), Some(20 * M));
+    dp.set(&cg.dir().expect("dir"), limits).expect("limit");
+    let (pod_before, node_before) = (attached_ids(cg.path()), attached_ids(dp.node().path()));
+    assert_eq!((pod_before.len(), node_before.len()), (3, 1));
+    let newer = podshaper_ebpf::Datapath::load(
+        podshaper_ebpf::pins::Pins::new(dp.root()),
+        dp.node().path().to_path_buf(),
+    )
+    .expect("load again on the same pins");
+    let (pod_after, node_after) = (attached_ids(cg.path()), attached_ids(dp.node().path()));
+    assert_eq!((pod_after.len(), node_after.len()), (3, 1));
+    assert!(
+        pod_after.iter().all(|id| !pod_before.contains(id)),
+        "the pod still runs the older build's programs: {pod_before:?} -> {pod_after:?}"
+    );
+    assert_ne!(
+        node_after, node_before,
+        "the node still runs the older build's program"
+    );
+    assert_eq!(
+        newer.state(cg.id()).expect("state").expect("limited").limits,
+        limits
+    );
+    drop(newer);
+    drop(cg);
 }
 
 #[test]
