@@ -541,18 +541,14 @@ fn a_remote_senders_pacing_lapses_when_the_limit_is_lifted() {
         mut a,
         b,
     } = lab;
-    let r = thread::scope(|s| {
-        let traffic = s.spawn(|| iperf(&pair, &pod, Some(&remote), b_v4(), tcp(), 1, 7, true));
-        // Timed from the first data, as in the live change test.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while counted(&a, &pod, INGRESS) < FIRST_DATA {
-            assert!(std::time::Instant::now() < deadline, "no traffic after 20 s");
-            thread::sleep(Duration::from_millis(10));
-        }
-        thread::sleep(Duration::from_secs(3));
-        a.remove(pod.id()).expect("lift the limit");
-        traffic.join().expect("traffic thread")
-    });
+    let (r, ()) = change_mid_flow(
+        &mut a,
+        &pod,
+        INGRESS,
+        Duration::from_secs(3),
+        || iperf(&pair, &pod, Some(&remote), b_v4(), tcp(), 1, 7, true),
+        |a| a.remove(pod.id()).expect("lift the limit"),
+    );
     assert_within(
         "before the lift",
         weighted_mean(&r, 1.0, 3.0) / limit as f64,
@@ -591,6 +587,31 @@ fn weighted_mean(r: &IperfReport, from: f64, to: f64) -> f64 {
     L3::TCP_V4.l3_bps(bits / secs)
 }
 
+/// Runs `traffic` in a thread and `change` `after` the pod's first data in `dir` (timed from
+/// the data, not the spawn: starting iperf3 takes over a second under emulation, which put a
+/// change inside "before" and read as an overshoot to 1.4-1.6x of the first limit). Returns
+/// the traffic's report and what `change` returned.
+fn change_mid_flow<T>(
+    dp: &mut TempDatapath,
+    pod: &Cgroup,
+    dir: usize,
+    after: Duration,
+    traffic: impl FnOnce() -> IperfReport + Send,
+    change: impl FnOnce(&mut TempDatapath) -> T,
+) -> (IperfReport, T) {
+    thread::scope(|s| {
+        let traffic = s.spawn(traffic);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while counted(dp, pod, dir) < FIRST_DATA {
+            assert!(std::time::Instant::now() < deadline, "no traffic after 20 s");
+            thread::sleep(Duration::from_millis(10));
+        }
+        thread::sleep(after);
+        let changed = change(dp);
+        (traffic.join().expect("traffic thread"), changed)
+    })
+}
+
 #[test]
 fn limit_changes_apply_live_to_established_flows() {
     let Some(_g) = privileged() else { return };
@@ -599,20 +620,14 @@ fn limit_changes_apply_live_to_established_flows() {
     } = Lab::new("live");
     let dir = pod.dir().expect("cgroup dir");
     dp.set(&dir, lim(Some(20 * M), None)).expect("set 20M");
-    let r = thread::scope(|s| {
-        let traffic = s.spawn(|| iperf(&pair, &pod, None, b_v4(), tcp(), 2, 6, false));
-        // The change is timed from the first data, not from the spawn: starting iperf3 takes
-        // over a second under emulation, which put the change inside "before" and read as an
-        // overshoot to 1.4-1.6x of the first limit.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while counted(&dp, &pod, EGRESS) < FIRST_DATA {
-            assert!(std::time::Instant::now() < deadline, "no traffic after 20 s");
-            thread::sleep(Duration::from_millis(10));
-        }
-        thread::sleep(Duration::from_secs(3));
-        dp.set(&dir, lim(Some(60 * M), None)).expect("change to 60M");
-        traffic.join().expect("traffic thread")
-    });
+    let (r, ()) = change_mid_flow(
+        &mut dp,
+        &pod,
+        EGRESS,
+        Duration::from_secs(3),
+        || iperf(&pair, &pod, None, b_v4(), tcp(), 2, 6, false),
+        |dp| dp.set(&dir, lim(Some(60 * M), None)).expect("change to 60M"),
+    );
     let mean = |from: f64, to: f64| weighted_mean(&r, from, to);
     assert_within("before the change", mean(1.0, 3.0) / (20 * M) as f64, 0.8, 1.15);
     // Within a second of the change the new limit holds.
@@ -632,17 +647,14 @@ fn lifting_a_limit_unpaces_established_flows() {
     } = Lab::new("lift");
     let dir = pod.dir().expect("cgroup dir");
     dp.set(&dir, lim(Some(20 * M), None)).expect("set 20M");
-    let r = thread::scope(|s| {
-        let traffic = s.spawn(|| iperf(&pair, &pod, None, b_v4(), tcp(), 2, 6, false));
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while counted(&dp, &pod, EGRESS) < FIRST_DATA {
-            assert!(std::time::Instant::now() < deadline, "no traffic after 20 s");
-            thread::sleep(Duration::from_millis(10));
-        }
-        thread::sleep(Duration::from_secs(3));
-        dp.remove(pod.id()).expect("lift the limit");
-        traffic.join().expect("traffic thread")
-    });
+    let (r, ()) = change_mid_flow(
+        &mut dp,
+        &pod,
+        EGRESS,
+        Duration::from_secs(3),
+        || iperf(&pair, &pod, None, b_v4(), tcp(), 2, 6, false),
+        |dp| dp.remove(pod.id()).expect("lift the limit"),
+    );
     assert_within(
         "before the lift",
         weighted_mean(&r, 1.0, 3.0) / (20 * M) as f64,
@@ -909,21 +921,20 @@ fn a_migration_under_traffic_never_lapses() {
     old.set(&pod.dir().expect("dir"), lim(Some(limit), None))
         .expect("limit");
     let pair = NetnsPair::new().expect("network namespaces");
-    let (r, new) = thread::scope(|s| {
-        let traffic = s.spawn(|| iperf(&pair, &pod, None, b_v4(), tcp(), 1, 6, false));
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while counted(&old, &pod, EGRESS) < FIRST_DATA {
-            assert!(std::time::Instant::now() < deadline, "no traffic after 20 s");
-            thread::sleep(Duration::from_millis(10));
-        }
-        thread::sleep(Duration::from_millis(2500));
-        let new = podshaper_ebpf::Datapath::load(
-            podshaper_ebpf::pins::Pins::new(old.root()),
-            old.node().path().to_path_buf(),
-        )
-        .expect("load migrates");
-        (traffic.join().expect("traffic thread"), new)
-    });
+    let (r, new) = change_mid_flow(
+        &mut old,
+        &pod,
+        EGRESS,
+        Duration::from_millis(2500),
+        || iperf(&pair, &pod, None, b_v4(), tcp(), 1, 6, false),
+        |old| {
+            podshaper_ebpf::Datapath::load(
+                podshaper_ebpf::pins::Pins::new(old.root()),
+                old.node().path().to_path_buf(),
+            )
+            .expect("load migrates")
+        },
+    );
     assert_eq!(
         new.state(pod.id()).expect("state").expect("limited").limits,
         lim(Some(limit), None)
