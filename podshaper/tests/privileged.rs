@@ -128,6 +128,17 @@ fn ratio(r: &IperfReport, l3: L3, target: u64) -> f64 {
     l3.l3_bps(r.mean_after_bps(1.0).expect("intervals after 1 s")) / target as f64
 }
 
+/// Asserts that a TCP test held `limit`: its steady L3 rate within `lo`..1.15 of it, with at
+/// most `max_retransmits`; `why` says what more would mean.
+fn assert_held(what: &str, r: &IperfReport, limit: u64, lo: f64, max_retransmits: u64, why: &str) {
+    assert_within(what, ratio(r, L3::TCP_V4, limit), lo, 1.15);
+    let retransmits = r.retransmits.expect("TCP report has retransmits");
+    assert!(
+        retransmits <= max_retransmits,
+        "{what}: {retransmits} retransmits: {why}"
+    );
+}
+
 fn assert_within(what: &str, got: f64, lo: f64, hi: f64) {
     assert!(
         got >= lo && got <= hi,
@@ -258,16 +269,13 @@ fn ingress_tcp_from_this_node_is_paced_without_retransmits() {
         "node-level sender pacing not attached"
     );
     let r = lab.iperf(b_v4(), tcp(), 1, 4, true);
-    assert_within(
+    assert_held(
         "ingress TCP, sender on this node",
-        ratio(&r, L3::TCP_V4, 50 * M),
+        &r,
+        50 * M,
         0.8,
-        1.15,
-    );
-    let retransmits = r.retransmits.expect("TCP report has retransmits");
-    assert!(
-        retransmits <= 20,
-        "{retransmits} retransmits: the sender was policed, not paced"
+        20,
+        "the sender was policed, not paced",
     );
     let node = lab.dp.node_stats().expect("node counters");
     assert!(
@@ -323,16 +331,13 @@ fn an_unpaced_sender_that_negotiated_ecn_is_held_by_ce_marks() {
     let r = lab.iperf(b_v4(), tcp(), 4, 4, true);
     // 0.999-1.001 with 4-9 retransmits here in three runs; without ECN 0.72-0.86 with ~11,000.
     // In the emulated guests, where 500M is half of what the lab carries: 0.80-0.81.
-    assert_within(
+    assert_held(
         "ingress TCP with ECN, policed",
-        ratio(&r, L3::TCP_V4, limit),
+        &r,
+        limit,
         0.6,
-        1.15,
-    );
-    let retransmits = r.retransmits.expect("TCP report has retransmits");
-    assert!(
-        retransmits <= 200,
-        "{retransmits} retransmits: the flows were dropped, not marked"
+        200,
+        "the flows were dropped, not marked",
     );
     let s = lab.dp.state(lab.pod.id()).expect("state").expect("limited");
     assert!(s.stats.marks[INGRESS] > 0, "no CE mark: {s:?}");
@@ -391,16 +396,13 @@ fn ingress_from_another_node_is_paced_by_the_rate_option() {
     lab.limit(Some(limit));
     for flows in [1, 4] {
         let r = lab.download(flows, 4);
-        assert_within(
+        assert_held(
             &format!("ingress TCP, {flows} flows from another node"),
-            ratio(&r, L3::TCP_V4, limit),
+            &r,
+            limit,
             0.8,
-            1.15,
-        );
-        let retransmits = r.retransmits.expect("TCP report has retransmits");
-        assert!(
-            retransmits <= 20 * flows as u64,
-            "{retransmits} retransmits with {flows} flows: the sender was policed, not paced"
+            20 * flows as u64,
+            "the sender was policed, not paced",
         );
     }
     let (a, b) = (
@@ -435,16 +437,13 @@ fn a_client_through_a_service_address_is_paced() {
         ..ClientOptions::new(IpAddr::V4(vip))
     };
     let r = run_client(lab.pair.b(), Some(&lab.remote), &opts).expect("iperf3 client");
-    assert_within(
+    assert_held(
         "ingress TCP from a client of a Service address on another node",
-        ratio(&r, L3::TCP_V4, limit),
+        &r,
+        limit,
         0.8,
-        1.15,
-    );
-    let retransmits = r.retransmits.expect("TCP report has retransmits");
-    assert!(
-        retransmits <= 40,
-        "{retransmits} retransmits: the client was policed, not paced"
+        40,
+        "the client was policed, not paced",
     );
     let taken = lab.b.node_stats().expect("B's counters").opt_taken;
     assert!(taken > 0, "node B took no rate option");
@@ -612,29 +611,39 @@ fn change_mid_flow<T>(
     })
 }
 
-#[test]
-fn limit_changes_apply_live_to_established_flows() {
-    let Some(_g) = privileged() else { return };
+/// Two flows from a pod held to 20M egress, and `change` 3 s after their first data; the
+/// flows' report.
+fn egress_at_20m_then(label: &str, change: impl FnOnce(&mut TempDatapath, &Cgroup)) -> IperfReport {
     let Lab {
         pair, pod, mut dp, ..
-    } = Lab::new("live");
-    let dir = pod.dir().expect("cgroup dir");
-    dp.set(&dir, lim(Some(20 * M), None)).expect("set 20M");
+    } = Lab::new(label);
+    dp.set(&pod.dir().expect("cgroup dir"), lim(Some(20 * M), None))
+        .expect("set 20M");
     let (r, ()) = change_mid_flow(
         &mut dp,
         &pod,
         EGRESS,
         Duration::from_secs(3),
         || iperf(&pair, &pod, None, b_v4(), tcp(), 2, 6, false),
-        |dp| dp.set(&dir, lim(Some(60 * M), None)).expect("change to 60M"),
+        |dp| change(dp, &pod),
     );
+    // The node's cgroup goes last: the pod is in it.
+    drop(pod);
+    drop(dp);
+    r
+}
+
+#[test]
+fn limit_changes_apply_live_to_established_flows() {
+    let Some(_g) = privileged() else { return };
+    let r = egress_at_20m_then("live", |dp, pod| {
+        dp.set(&pod.dir().expect("cgroup dir"), lim(Some(60 * M), None))
+            .expect("change to 60M")
+    });
     let mean = |from: f64, to: f64| weighted_mean(&r, from, to);
     assert_within("before the change", mean(1.0, 3.0) / (20 * M) as f64, 0.8, 1.15);
     // Within a second of the change the new limit holds.
     assert_within("after the change", mean(4.0, 6.0) / (60 * M) as f64, 0.8, 1.15);
-    // The node's cgroup goes last: the pod is in it.
-    drop(pod);
-    drop(dp);
 }
 
 // Lifting the limit detaches the cgroup's programs, but a socket keeps the pacing rate they set:
@@ -642,19 +651,7 @@ fn limit_changes_apply_live_to_established_flows() {
 #[test]
 fn lifting_a_limit_unpaces_established_flows() {
     let Some(_g) = privileged() else { return };
-    let Lab {
-        pair, pod, mut dp, ..
-    } = Lab::new("lift");
-    let dir = pod.dir().expect("cgroup dir");
-    dp.set(&dir, lim(Some(20 * M), None)).expect("set 20M");
-    let (r, ()) = change_mid_flow(
-        &mut dp,
-        &pod,
-        EGRESS,
-        Duration::from_secs(3),
-        || iperf(&pair, &pod, None, b_v4(), tcp(), 2, 6, false),
-        |dp| dp.remove(pod.id()).expect("lift the limit"),
-    );
+    let r = egress_at_20m_then("lift", |dp, pod| dp.remove(pod.id()).expect("lift the limit"));
     assert_within(
         "before the lift",
         weighted_mean(&r, 1.0, 3.0) / (20 * M) as f64,
@@ -666,8 +663,6 @@ fn lifting_a_limit_unpaces_established_flows() {
         after > 3.0,
         "after the lift: {after:.2} of the old limit, established flows still paced"
     );
-    drop(pod);
-    drop(dp);
 }
 
 /// Bytes the pod has sent (EGRESS) or received (INGRESS), as its counters say (0 before
