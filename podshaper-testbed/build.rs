@@ -10,12 +10,20 @@ fn main() -> Result<()> {
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".into());
     let arch = env::var("CARGO_CFG_TARGET_ARCH")?;
     println!("cargo:rerun-if-env-changed=CLANG");
+    // The rate option's format (kind, length, ExID) comes from the datapath's own header.
+    let datapath = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../podshaper-ebpf/bpf");
+    println!(
+        "cargo:rerun-if-changed={}",
+        datapath.join("rate_option.h").display()
+    );
     for name in OBJECTS {
         let src = format!("bpf/{name}.bpf.c");
         println!("cargo:rerun-if-changed={src}");
         let mut cmd = Command::new(&clang);
         cmd.args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
             .arg(format!("-I/usr/include/{arch}-linux-gnu"))
+            .arg("-I")
+            .arg(&datapath)
             .arg("-c")
             .arg(&src)
             .arg("-o")

@@ -271,13 +271,7 @@ impl Datapath {
             } else {
                 program::<SockOps>(&mut self.sock_ops, name)?.fd()
             }
-            .map_err(|e| prog_err(&format!("use program {name}"), e))?
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| Error::Io {
-                what: format!("duplicate the descriptor of {name}"),
-                source,
-            })?;
+            .map_err(|e| prog_err(&format!("use program {name}"), e))?;
             match sys::link_update(&path, fd.as_fd()) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {

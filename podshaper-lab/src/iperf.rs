@@ -405,6 +405,22 @@ impl IperfReport {
         (secs > 0.0).then(|| bits / secs)
     }
 
+    /// Mean goodput of the intervals within `from`..`to` seconds (10 ms of slack for the
+    /// reported boundaries), weighted by length: iperf3 may end with a sliver of an interval
+    /// (6.000-6.003 s) whose rate is noise; counted as one of twenty it read as a 1.17x
+    /// overshoot.
+    pub fn mean_between_bps(&self, from: f64, to: f64) -> Option<f64> {
+        let (bits, secs) = self
+            .intervals
+            .iter()
+            .filter(|i| i.start + 0.01 >= from && i.end <= to + 0.01)
+            .fold((0.0, 0.0), |(b, s), i| {
+                let d = i.end - i.start;
+                (b + i.bits_per_second * d, s + d)
+            });
+        (secs > 0.0).then(|| bits / secs)
+    }
+
     /// Share of the sent payload bytes that never arrived, in percent (UDP; for TCP it is 0
     /// but for data in flight at the end).
     pub fn lost_percent(&self) -> Option<f64> {

@@ -5,12 +5,15 @@ use std::{
     ffi::{CString, OsStr},
     fs,
     net::{Ipv4Addr, Ipv6Addr},
-    os::unix::{ffi::OsStrExt, process::CommandExt},
-    path::PathBuf,
+    os::{
+        fd::AsRawFd,
+        unix::{ffi::OsStrExt, process::CommandExt},
+    },
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
 
-use crate::{cgroup::Cgroup, run, unique_name, Error};
+use crate::{cgroup::Cgroup, io_err, run, unique_name, Error};
 
 /// Where `ip netns add` pins namespaces (what CNI_NETNS points at).
 pub const NETNS_RUN_DIR: &str = "/run/netns";
@@ -49,11 +52,27 @@ impl Netns {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
+    /// Moves the calling thread (only it) into the namespace, for good: call it from a thread
+    /// made for the purpose.
+    pub fn enter(&self) -> Result<(), Error> {
+        enter(&self.path())
+    }
+
     /// Runs a program inside the namespace to completion; returns its stdout, fails on a
     /// non-zero exit with its stderr.
     pub fn run<S: AsRef<OsStr>>(&self, program: &str, args: &[S]) -> Result<String, Error> {
         run(&mut command_in(self, None, program, args)?)
     }
+}
+
+/// Moves the calling thread into the network namespace pinned at `path` (see [`Netns::enter`]).
+pub fn enter(path: &Path) -> Result<(), Error> {
+    let file = fs::File::open(path).map_err(|e| io_err("open", path, e))?;
+    // SAFETY: setns on a namespace fd we hold; it moves only the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io_err("setns", path, std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 impl Drop for Netns {

@@ -6,10 +6,8 @@
 // value the test chose, so that a sender's node meets options that are malformed.
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+#include "rate_option.h"
 
-#define FORGE_KIND 253
-#define FORGE_EXID 0x5053
-#define FORGE_MAX_LEN 8
 // The ACK flag alone: a pure ACK.
 #define FORGE_TCPHDR_ACK 0x10
 
@@ -33,7 +31,7 @@ struct {
 SEC("sockops")
 int forge(struct bpf_sock_ops *skops)
 {
-	__u8 opt[FORGE_MAX_LEN] = {FORGE_KIND, 0, FORGE_EXID >> 8, FORGE_EXID & 0xff};
+	__u8 opt[PS_OPT_LEN] = {PS_OPT_KIND, 0, PS_OPT_EXID >> 8, PS_OPT_EXID & 0xff};
 	struct forge_cfg *cfg;
 	__u32 zero = 0, len;
 
@@ -41,7 +39,7 @@ int forge(struct bpf_sock_ops *skops)
 	if (!cfg)
 		return 1;
 	len = cfg->len;
-	if (len < 4 || len > FORGE_MAX_LEN)
+	if (len < 4 || len > PS_OPT_LEN)
 		return 1;
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:

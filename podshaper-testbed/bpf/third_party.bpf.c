@@ -14,14 +14,12 @@
 #include <linux/tcp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
+#include "rate_option.h"
 
 // How far the copy's ACK number is moved: a quarter of the sequence space, never in a window.
 #define TP_ACK_SHIFT (1u << 30)
 // skb->mark of the copy while it is sent, so that this program, run again on it, lets it pass.
 #define TP_MARK 0x70737470
-#define TP_KIND 253
-#define TP_LEN 8
-#define TP_EXID 0x5053
 // The ACK flag alone: a pure ACK (with no payload, checked apart).
 #define TP_FLAGS_ACK 0x10
 // Offsets in the TCP header: flags byte, ACK number, checksum.
@@ -57,9 +55,9 @@ static __always_inline __u32 find_option(struct __sk_buff *skb, __u32 off, __u32
 		}
 		if (off + 2 > end || bpf_skb_load_bytes(skb, off, head, 2) || head[1] < 2)
 			return 0;
-		if (head[0] == TP_KIND && head[1] == TP_LEN && off + TP_LEN <= end &&
+		if (head[0] == PS_OPT_KIND && head[1] == PS_OPT_LEN && off + PS_OPT_LEN <= end &&
 		    !bpf_skb_load_bytes(skb, off, head, 4) &&
-		    ((__u32)head[2] << 8 | head[3]) == TP_EXID)
+		    ((__u32)head[2] << 8 | head[3]) == PS_OPT_EXID)
 			return off;
 		off += head[1];
 	}

@@ -4,11 +4,7 @@
 //! flags rather than replace them. The option forger (bpf/forge.bpf.c) writes rate options of
 //! the test's choosing; the third party (bpf/third_party.bpf.c, on tc) moves them onto ACKs
 //! outside the sender's window.
-use std::{
-    fs::File,
-    os::fd::{AsFd, AsRawFd},
-    path::Path,
-};
+use std::{fs::File, os::fd::AsFd, path::Path};
 
 use aya::{
     maps::Array,
@@ -133,19 +129,11 @@ impl ThirdParty {
             .try_into()
             .map_err(|e| bpf_err(what.clone(), e))?;
         prog.load().map_err(|e| bpf_err(what.clone(), e))?;
-        let path = ns.path();
-        let file = File::open(&path).map_err(|source| Error::Io {
-            what: format!("open {}", path.display()),
-            source,
-        })?;
         // The interface's name and index are the namespace's: attach from a thread inside it.
         // The attachment (a tcx link, or a clsact filter before 6.6) stays with the interface.
         std::thread::scope(|s| {
             s.spawn(|| {
-                // SAFETY: setns on a namespace fd we hold; it moves only this scoped thread.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(bpf_err(what.clone(), std::io::Error::last_os_error()));
-                }
+                ns.enter()?;
                 // Only netlink attachments (kernels before 6.6) need the qdisc; an existing
                 // one is fine.
                 let _ = tc::qdisc_add_clsact(iface);

@@ -4,7 +4,6 @@
 //! an application's reads (iperf3 reads 128 KB at a time) would smear or invent.
 use std::{
     fs,
-    os::fd::AsRawFd,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -28,16 +27,12 @@ impl InOctetsSampler {
     /// Starts sampling in `ns` every `period`.
     pub fn start(ns: &Netns, period: Duration) -> Result<Self, Error> {
         let path = ns.path();
-        let file = fs::File::open(&path).map_err(|e| io_err("open", &path, e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let handle = thread::spawn({
             let stop = stop.clone();
             move || -> Result<Vec<Sample>, Error> {
-                // SAFETY: setns on a namespace fd we hold; it moves only this thread, which
-                // ends with the sampling.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io_err("setns", &path, std::io::Error::last_os_error()));
-                }
+                // This thread ends with the sampling.
+                crate::netns::enter(&path)?;
                 // thread-self: /proc/self/net would show the process's (main thread's) namespace.
                 let netstat = std::path::Path::new("/proc/thread-self/net/netstat");
                 let mut samples = Vec::new();

@@ -78,10 +78,15 @@ fn agent(cluster: &Cluster, own_pod: Option<&str>) -> AgentProcess {
 }
 
 fn agent_with(cluster: &Cluster, own_pod: Option<&str>, args: &[&str]) -> AgentProcess {
+    agent_on(cluster, NODE, own_pod, args)
+}
+
+/// The agent of `node`, as [`agent`] makes it, with `args` last on its command line.
+fn agent_on(cluster: &Cluster, node: &str, own_pod: Option<&str>, args: &[&str]) -> AgentProcess {
     let bin = Path::new(env!("CARGO_BIN_EXE_podshaper"));
     let caps = chart_capabilities();
     let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
-    AgentProcess::start(bin, NODE, &cluster.agent_kubeconfig, own_pod, &caps, args).expect("agent")
+    AgentProcess::start(bin, node, &cluster.agent_kubeconfig, own_pod, &caps, args).expect("agent")
 }
 
 fn kubelet(cluster: &Cluster, driver: CgroupDriver, prefix: &str) -> Kubelet {
@@ -445,17 +450,12 @@ async fn the_limit_never_lapses_while_the_agent_restarts() {
     drop(pod);
 }
 
-/// L3 mean of the report's intervals within from..to seconds, weighted by their length.
+/// L3 mean of the TCP report's intervals within from..to seconds.
 fn l3_between(r: &podshaper_testbed::IperfReport, from: f64, to: f64) -> f64 {
-    let (bits, secs) = r
-        .intervals
-        .iter()
-        .filter(|i| i.start >= from && i.end <= to)
-        .fold((0.0, 0.0), |(b, s), i| {
-            (b + i.bits_per_second * (i.end - i.start), s + i.end - i.start)
-        });
-    assert!(secs > 0.0, "no interval within {from}..{to} s");
-    L3::TCP_V4.l3_bps(bits / secs)
+    let bps = r
+        .mean_between_bps(from, to)
+        .unwrap_or_else(|| panic!("no interval within {from}..{to} s"));
+    L3::TCP_V4.l3_bps(bps)
 }
 
 /// A counter of the agent's `podshaper_rate_options_total` for `event`.
@@ -484,18 +484,12 @@ async fn an_ingress_annotation_paces_a_sender_on_another_node_live() {
         let kubelet = cluster.kubelet(name, CgroupDriver::Cgroupfs, &prefix).unwrap();
         let root = mount.join(&prefix);
         let root = root.to_str().unwrap();
-        let bin = Path::new(env!("CARGO_BIN_EXE_podshaper"));
-        let caps = chart_capabilities();
-        let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
-        let agent = AgentProcess::start(
-            bin,
+        let agent = agent_on(
+            &cluster,
             name,
-            &cluster.agent_kubeconfig,
             None,
-            &caps,
             &["--cgroup-root", root, "--cgroup-driver", "cgroupfs"],
-        )
-        .expect("agent");
+        );
         (kubelet, agent)
     };
     let (kubelet_a, agent_a) = node("node-a");

@@ -571,19 +571,12 @@ fn a_remote_senders_pacing_lapses_when_the_limit_is_lifted() {
     drop((a, b));
 }
 
-/// Mean L3 rate of the intervals within from..to seconds, weighted by length: iperf3 may end
-/// with a sliver of an interval (6.000-6.003 s) whose rate is noise; counted as one of twenty
-/// it read as a 1.17x overshoot.
+/// Mean L3 rate of the TCP report's intervals within from..to seconds.
 fn weighted_mean(r: &IperfReport, from: f64, to: f64) -> f64 {
-    let (bits, secs) = r
-        .intervals
-        .iter()
-        .filter(|i| i.start + 0.01 >= from && i.end <= to + 0.01)
-        .fold((0.0, 0.0), |(b, s), i| {
-            (b + i.bits_per_second * (i.end - i.start), s + (i.end - i.start))
-        });
-    assert!(secs > 0.0, "no intervals in {from}..{to}");
-    L3::TCP_V4.l3_bps(bits / secs)
+    let bps = r
+        .mean_between_bps(from, to)
+        .unwrap_or_else(|| panic!("no intervals in {from}..{to}"));
+    L3::TCP_V4.l3_bps(bps)
 }
 
 /// Runs `traffic` in a thread and `change` `after` the pod's first data in `dir` (timed from

@@ -162,19 +162,7 @@ fn ingress_case(
         Sender::NoPodshaper | Sender::Tbf => Cgroup::new("guest-sender")?,
     };
     let _server = IperfServer::start(ns, Some(&cgroup), &ServerOptions::default())?;
-    let client = ClientOptions {
-        traffic: Traffic::Tcp {
-            congestion: Some("cubic".into()),
-        },
-        secs,
-        reverse: true,
-        ..ClientOptions::new(GuestNode::HOST_V4.into())
-    }
-    .args()
-    .iter()
-    .map(|a| a.to_string_lossy().into_owned())
-    .collect::<Vec<_>>()
-    .join(" ");
+    let client = client_to(GuestNode::HOST_V4, secs, true);
     let ps = podshaper.display();
     let limit = match sender {
         Sender::Tbf => String::new(),
@@ -242,12 +230,18 @@ fn setup(podshaper: &std::path::Path) -> Result<String> {
 
 /// The client as the lab runs it (cubic, one flow), from namespace A.
 fn client(secs: u32) -> String {
+    client_to(NetnsPair::B_V4, secs, false)
+}
+
+/// iperf3's arguments for one cubic flow to `server` for `secs` (`reverse`: it sends to us).
+fn client_to(server: std::net::Ipv4Addr, secs: u32, reverse: bool) -> String {
     ClientOptions {
         traffic: Traffic::Tcp {
             congestion: Some("cubic".into()),
         },
         secs,
-        ..ClientOptions::new(NetnsPair::B_V4.into())
+        reverse,
+        ..ClientOptions::new(server.into())
     }
     .args()
     .iter()

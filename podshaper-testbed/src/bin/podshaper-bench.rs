@@ -20,8 +20,8 @@ use podshaper_testbed::{
     run_client,
     sampler::{self, InOctetsSampler},
     tbf::CONTAINERD_BURST_BITS,
-    Cgroup, ClientOptions, IperfReport, IperfServer, NetnsPair, ServerOptions, Table, Tbf, TempDatapath,
-    Traffic, L3,
+    Cgroup, ClientOptions, IperfReport, IperfServer, Netns, NetnsPair, ServerOptions, Table, Tbf,
+    TempDatapath, Traffic, L3,
 };
 
 /// Measure podshaper against TBF set up by the bandwidth CNI plugin, in two network namespaces
@@ -506,18 +506,8 @@ fn measure(
     client: &ClientOptions,
     dir: Dir,
 ) -> Result<Measured> {
-    let _server = IperfServer::start(pair.b(), server, &ServerOptions::default())?;
     let receiver = if dir == Dir::Egress { pair.b() } else { pair.a() };
-    let sampler = InOctetsSampler::start(receiver, Duration::from_millis(100))?;
-    let t0 = Instant::now();
-    let report = run_client(pair.a(), Some(cg), client);
-    let samples = sampler.finish()?;
-    let report = report?;
-    Ok(Measured {
-        report,
-        peak_over_mean: peak_over_mean(&samples, t0, client.secs),
-        jain: None,
-    })
+    measure_between((pair.b(), server), (pair.a(), Some(cg)), receiver, client)
 }
 
 /// Like [`measure`] for an ingress case the other way round: the server in A inside `cg`, the
@@ -530,15 +520,26 @@ fn measure_upload(
     to: std::net::Ipv4Addr,
     client: &ClientOptions,
 ) -> Result<Measured> {
-    let _server = IperfServer::start(pair.a(), Some(cg), &ServerOptions::default())?;
     let opts = ClientOptions {
         server: to.into(),
         reverse: false,
         ..client.clone()
     };
-    let sampler = InOctetsSampler::start(pair.a(), Duration::from_millis(100))?;
+    measure_between((pair.a(), Some(cg)), (pair.b(), Some(client_cg)), pair.a(), &opts)
+}
+
+/// One iperf3 test between a server and a client, each in a namespace and maybe a cgroup;
+/// `receiver`'s IP counter is sampled every 100 ms meanwhile.
+fn measure_between(
+    (server_ns, server_cg): (&Netns, Option<&Cgroup>),
+    (client_ns, client_cg): (&Netns, Option<&Cgroup>),
+    receiver: &Netns,
+    client: &ClientOptions,
+) -> Result<Measured> {
+    let _server = IperfServer::start(server_ns, server_cg, &ServerOptions::default())?;
+    let sampler = InOctetsSampler::start(receiver, Duration::from_millis(100))?;
     let t0 = Instant::now();
-    let report = run_client(pair.b(), Some(client_cg), &opts);
+    let report = run_client(client_ns, client_cg, client);
     let samples = sampler.finish()?;
     Ok(Measured {
         report: report?,
