@@ -269,6 +269,27 @@ pub fn run_client(
     }
 }
 
+/// Runs several iperf3 clients at once in `netns`, each in its cgroup (if any) with its
+/// options (each against its own server and port): their reports, in order, or the first
+/// error.
+pub fn run_clients(
+    netns: &Netns,
+    clients: &[(Option<&Cgroup>, ClientOptions)],
+) -> Result<Vec<IperfReport>, Error> {
+    thread::scope(|s| {
+        let runs: Vec<_> = clients
+            .iter()
+            .map(|(cg, opts)| s.spawn(move || run_client(netns, *cg, opts)))
+            .collect();
+        runs.into_iter()
+            .map(|r| {
+                r.join()
+                    .unwrap_or_else(|_| Err(Error::Iperf("an iperf3 client thread panicked".into())))
+            })
+            .collect()
+    })
+}
+
 fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String> {
     thread::spawn(move || {
         let mut s = String::new();

@@ -17,7 +17,9 @@ use std::{
 };
 
 pub use cgroup::Cgroup;
-pub use iperf::{run_client, ClientOptions, IperfReport, IperfServer, ServerOptions, Traffic, L3};
+pub use iperf::{
+    run_client, run_clients, ClientOptions, IperfReport, IperfServer, ServerOptions, Traffic, L3,
+};
 pub use netns::{command_in, spawn_in, Netns, NetnsPair};
 pub use table::Table;
 

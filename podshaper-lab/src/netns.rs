@@ -161,6 +161,11 @@ impl NetnsPair {
     pub const A_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0x2, 0, 0, 0, 0, 0, 1);
     /// IPv6 address of B.
     pub const B_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0x2, 0, 0, 0, 0, 0, 2);
+    /// B's second IPv4 address (after [`NetnsPair::add_second_b`]): a second peer, for rules
+    /// that cover one of B's addresses and not the other.
+    pub const B2_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+    /// B's second IPv6 address.
+    pub const B2_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0x2, 0, 0, 0, 0, 0, 3);
     /// MTU of the veth pair (the kernel default).
     pub const MTU: u32 = 1500;
 
@@ -189,6 +194,22 @@ impl NetnsPair {
             ns.ip(&["link", "set", dev, "up"])?;
         }
         Ok(pair)
+    }
+
+    /// Gives B its second addresses, [`NetnsPair::B2_V4`] and [`NetnsPair::B2_V6`].
+    pub fn add_second_b(&self) -> Result<(), Error> {
+        self.b
+            .ip(&["addr", "add", &format!("{}/24", Self::B2_V4), "dev", &self.veth_b])?;
+        self.b.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", Self::B2_V6),
+            "dev",
+            &self.veth_b,
+            "nodad",
+        ])?;
+        Ok(())
     }
 
     /// Namespace A (the pod in benches).
