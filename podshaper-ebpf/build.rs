@@ -27,20 +27,11 @@ fn main() -> Result<()> {
         other => bail!("unsupported target arch {other}"),
     };
     let multiarch = format!("-I/usr/include/{arch}-linux-gnu");
-    for f in [
-        "bpf/podshaper.h",
-        "bpf/maps.h",
-        "bpf/controller.h",
-        "bpf/rate_option.h",
-        "bpf/controller_host.c",
-        "bpf/abi_probe.c",
-    ] {
-        println!("cargo:rerun-if-changed={f}");
-    }
+    // The whole directory: cargo rescans it, so a new header is never missed.
+    println!("cargo:rerun-if-changed=bpf");
     println!("cargo:rerun-if-env-changed=CLANG");
     for name in OBJECTS {
         let src = format!("bpf/{name}.bpf.c");
-        println!("cargo:rerun-if-changed={src}");
         run(Command::new(&clang)
             .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror", &multiarch])
             .arg("-c")

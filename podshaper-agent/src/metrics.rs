@@ -316,6 +316,7 @@ mod tests {
             name: None,
             egress: DirectionStatus::default(),
             ingress: DirectionStatus::default(),
+            peers: Vec::new(),
         };
         status.egress.limit = Some(Rate::parse_quantity("10M").unwrap());
         status.egress.bytes = 1234;

@@ -349,6 +349,8 @@ impl Reconciler {
             change(wanted.egress),
             change(wanted.ingress),
             Some(pod.key()),
+            // Peer rules come from BandwidthPolicy, not annotations: leave them as they are.
+            None,
         );
         match result {
             Ok(_) => {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Limits, Rate};
+use crate::{Direction, Limits, PeerRule, Rate};
 
 /// Default path of the daemon's socket.
 pub const DEFAULT_SOCKET: &str = "/run/podshaper/podshaper.sock";
@@ -37,7 +37,17 @@ pub enum Request {
         /// owner sets it again after a daemon restart.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
+        /// The peer rules the cgroup is bound to, by name, replacing those it had; absent:
+        /// keep them. A cgroup with no limit and no rule is detached.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rules: Option<Vec<String>>,
     },
+    /// Set a peer rule, or change it in place; cgroups bound to it follow live.
+    SetRule { rule: PeerRule },
+    /// Remove a peer rule and unbind it from every cgroup.
+    RemoveRule { name: String },
+    /// The peer rules on this node.
+    Rules,
     /// Remove every program, link and map entry of a cgroup.
     Unlimit { cgroup: PathBuf },
     /// The limited cgroups, or one of them.
@@ -61,6 +71,37 @@ pub struct CgroupStatus {
     pub name: Option<String>,
     pub egress: DirectionStatus,
     pub ingress: DirectionStatus,
+    /// The peer rules the cgroup is bound to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One peer rule of a cgroup: its cap and what its class measured.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub rule: String,
+    pub direction: Direction,
+    pub limit: Rate,
+    /// The cap is shared with the other cgroups bound to the rule on this node.
+    pub shared: bool,
+    /// Measured over the last epoch (50 ms), bits/s of L3 traffic to or from the peers (for a
+    /// shared rule: of all its cgroups on the node).
+    pub rate_bps: u64,
+    /// TCP flows counted as active in the class.
+    pub flows: u32,
+}
+
+/// A peer rule on the node, as `podshaper rule list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleStatus {
+    pub name: String,
+    pub direction: Direction,
+    pub limit: Rate,
+    pub shared: bool,
+    /// Entries of the node's peer table the rule holds: its CIDRs and excepts.
+    pub prefixes: usize,
+    /// Limited cgroups bound to it.
+    pub cgroups: usize,
 }
 
 impl CgroupStatus {
@@ -127,6 +168,8 @@ pub enum Response {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         node: Option<NodeStatus>,
     },
+    /// The peer rules on the node.
+    Rules { rules: Vec<RuleStatus> },
     /// The request was refused or failed; nothing was changed.
     Error { message: String },
 }
@@ -142,6 +185,7 @@ mod tests {
             egress: Change::Set(Rate::parse_quantity("10M").unwrap()),
             ingress: Change::Keep,
             name: None,
+            rules: None,
         };
         let line = serde_json::to_string(&r).unwrap();
         assert!(!line.contains('\n'));
@@ -166,6 +210,7 @@ mod tests {
                 egress: Change::Keep,
                 ingress: Change::Keep,
                 name: None,
+                rules: None,
             }
         );
     }

@@ -33,6 +33,9 @@ pub enum RateError {
 const ACCEPTED: &str = "expected bits per second as a Kubernetes quantity (500k, 10M, 1.5G, 1Gi, 1e6) or, on the command line, tc-style (10mbit, 1gbit, 500kbps), between 1k and 1P";
 
 impl Rate {
+    /// The smallest rate, [`MIN_BPS`].
+    pub const MIN: Rate = Rate(MIN_BPS);
+
     /// A rate from bits per second, checked against the bounds.
     pub fn from_bps(bps: u64) -> Result<Self, RateError> {
         Self::bounded(bps, &bps.to_string())

@@ -27,6 +27,8 @@ pub enum Error {
     NotCgroup2(std::path::PathBuf),
     #[error("another daemon is serving {0}")]
     AlreadyRunning(std::path::PathBuf),
+    #[error(transparent)]
+    Rule(#[from] podshaper_api::peers::RuleError),
 }
 
 impl Error {

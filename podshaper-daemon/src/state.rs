@@ -7,8 +7,8 @@ use std::{
 };
 
 use podshaper_api::{
-    proto::{CgroupStatus, Change, DirectionStatus, NodeStatus, Request, Response},
-    Rate,
+    proto::{CgroupStatus, Change, DirectionStatus, NodeStatus, PeerStatus, Request, Response, RuleStatus},
+    PeerRule, Rate,
 };
 use podshaper_ebpf::{
     abi::{EGRESS, INGRESS},
@@ -91,9 +91,13 @@ impl State {
                 egress,
                 ingress,
                 name,
+                rules,
             } => self
-                .limit(&cgroup, egress, ingress, name)
+                .limit(&cgroup, egress, ingress, name, rules)
                 .map(|status| Response::Ok { status }),
+            Request::SetRule { rule } => self.set_rule(&rule).map(|()| Response::Ok { status: None }),
+            Request::RemoveRule { name } => self.remove_rule(&name).map(|()| Response::Ok { status: None }),
+            Request::Rules => self.rules().map(|rules| Response::Rules { rules }),
             Request::Unlimit { cgroup } => self.unlimit(&cgroup).map(|()| Response::Ok { status: None }),
             Request::Status { cgroup } => self.status(cgroup.as_deref()).and_then(|cgroups| {
                 Ok(Response::Status {
@@ -113,8 +117,9 @@ impl State {
     }
 
     /// Sets or changes the limits of the cgroup at `user` (absolute, or relative to the
-    /// cgroup v2 mount), live, and names it (the agent's namespace/pod). Returns its status,
-    /// none when both directions end up unlimited.
+    /// cgroup v2 mount) and, when `rules` is given, the peer rules it is bound to, live, and
+    /// names it (the agent's namespace/pod). Returns its status, none when it ends up with no
+    /// limit and no rule.
     #[instrument(skip_all, fields(cgroup = %user.display()))]
     pub fn limit(
         &mut self,
@@ -122,6 +127,7 @@ impl State {
         egress: Change,
         ingress: Change,
         name: Option<String>,
+        rules: Option<Vec<String>>,
     ) -> Result<Option<CgroupStatus>, Error> {
         let cg = self.resolve(user)?;
         let current = match &self.datapath {
@@ -137,13 +143,22 @@ impl State {
             egress: apply(egress, current.egress),
             ingress: apply(ingress, current.ingress),
         };
-        if limits.is_none() && self.datapath.is_none() {
+        let no_rules = rules.as_ref().is_none_or(|r| r.is_empty());
+        if limits.is_none() && no_rules && self.datapath.is_none() {
             // Nothing is limited after a reset: no need to load anything to lift a limit.
             return Ok(None);
         }
         let fresh = self.datapath.is_none();
         let datapath = self.datapath_mut()?;
-        let status = match datapath.set(&cg, limits).and_then(|()| datapath.state(cg.id)) {
+        // Rules first: an unknown rule name refuses the request before the limits change.
+        let set = match &rules {
+            Some(names) => datapath.bind(&cg, names),
+            None => Ok(()),
+        };
+        let status = match set
+            .and_then(|()| datapath.set(&cg, limits))
+            .and_then(|()| datapath.state(cg.id))
+        {
             Ok(status) => status,
             Err(e) => {
                 if fresh {
@@ -156,13 +171,61 @@ impl State {
                 return Err(e.into());
             }
         };
-        if limits.is_none() {
+        if status.is_none() {
             self.forget(cg.id);
         } else if let Some(name) = name {
             self.names.insert(cg.id, name);
         }
-        info!(?limits, "limits set");
+        info!(?limits, ?rules, "limits set");
         Ok(status.map(|s| self.describe(&s)))
+    }
+
+    /// Sets a peer rule, or changes it in place.
+    #[instrument(skip_all, fields(rule = %rule.name))]
+    pub fn set_rule(&mut self, rule: &PeerRule) -> Result<(), Error> {
+        rule.validate()?;
+        self.datapath_mut()?.set_rule(rule)?;
+        info!(direction = %rule.direction, rate = %rule.rate, shared = rule.shared, blocks = rule.peers.len(), "rule set");
+        Ok(())
+    }
+
+    /// Removes a peer rule from the node and every cgroup bound to it. Removing a rule that
+    /// is not there is not an error: what the caller wants holds.
+    #[instrument(skip(self))]
+    pub fn remove_rule(&mut self, name: &str) -> Result<(), Error> {
+        if let Some(d) = self.datapath.as_mut() {
+            if d.remove_rule(name)? {
+                info!("rule removed");
+            }
+        }
+        Ok(())
+    }
+
+    /// The peer rules on the node.
+    pub fn rules(&self) -> Result<Vec<RuleStatus>, Error> {
+        let Some(datapath) = &self.datapath else {
+            return Ok(Vec::new());
+        };
+        let mut bound: HashMap<String, usize> = HashMap::new();
+        for id in datapath.limited()? {
+            if let Some(s) = datapath.state(id)? {
+                for p in s.peers {
+                    *bound.entry(p.rule).or_default() += 1;
+                }
+            }
+        }
+        Ok(datapath
+            .rule_states()
+            .into_iter()
+            .map(|r| RuleStatus {
+                cgroups: bound.get(&r.name).copied().unwrap_or(0),
+                name: r.name,
+                direction: r.direction,
+                limit: r.rate,
+                shared: r.shared,
+                prefixes: r.prefixes,
+            })
+            .collect())
     }
 
     /// Lifts both limits of a cgroup and detaches the programs from it.
@@ -310,6 +373,18 @@ impl State {
             name: self.names.get(&s.id).cloned(),
             egress: dir(EGRESS, s.limits.egress),
             ingress: dir(INGRESS, s.limits.ingress),
+            peers: s
+                .peers
+                .iter()
+                .map(|c| PeerStatus {
+                    rule: c.rule.clone(),
+                    direction: c.direction,
+                    limit: c.rate,
+                    shared: c.shared,
+                    rate_bps: c.measured_bps,
+                    flows: c.flows,
+                })
+                .collect(),
         }
     }
 }

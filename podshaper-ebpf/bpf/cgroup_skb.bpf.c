@@ -11,7 +11,7 @@
 #include <linux/tcp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
-#include "maps.h"
+#include "peers.h"
 
 #define PS_LOOPBACK_IFINDEX 1
 #define PS_SOCK_STREAM 1
@@ -27,6 +27,9 @@ struct ps_pkt {
 	__u8 syn;
 	__u8 payload;
 	__u8 ect;
+	// The remote address (destination on egress, source on ingress); valid when has_addr.
+	__u8 has_addr;
+	struct ps_addr addr;
 };
 
 // Copies `len` bytes at `off` from the packet: straight from its linear part when they are
@@ -43,7 +46,7 @@ static __always_inline int ps_load(struct __sk_buff *skb, __u32 off, void *to, c
 	return bpf_skb_load_bytes(skb, off, to, len);
 }
 
-static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
+static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p, const int dir)
 {
 	__u32 l3 = 0, proto = 0;
 
@@ -53,12 +56,15 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 	p->syn = 0;
 	p->payload = 0;
 	p->ect = 0;
+	p->has_addr = 0;
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 
 		if (ps_load(skb, 0, &ip, sizeof(ip)))
 			goto out;
 		l3 = ip.ihl * 4;
+		ps_addr_of4(&p->addr, dir == PS_EGRESS ? ip.daddr : ip.saddr);
+		p->has_addr = 1;
 		// Later fragments carry no L4 header.
 		if (!(ip.frag_off & bpf_htons(PS_IP_OFFSET_MASK)))
 			proto = ip.protocol;
@@ -70,6 +76,9 @@ static __always_inline void ps_parse(struct __sk_buff *skb, struct ps_pkt *p)
 			goto out;
 		l3 = sizeof(ip6);
 		proto = ip6.nexthdr; // extension headers: counted, not parsed
+		ps_addr_of6(&p->addr, dir == PS_EGRESS ? ip6.daddr.in6_u.u6_addr32
+		                                       : ip6.saddr.in6_u.u6_addr32);
+		p->has_addr = 1;
 		p->ect = (ip6.flow_lbl[0] >> 4) & 3;
 	}
 	p->hdrlen = l3;
@@ -93,79 +102,113 @@ out:
 		p->wire += (skb->gso_segs - 1) * p->hdrlen;
 }
 
-static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
+// Both verdicts at once: the packet passes if both pass, with CN if either asks for it.
+static __always_inline int ps_both(int a, int b)
 {
-	struct ps_cgroup *cg = bpf_get_local_storage(&ps_cgroups, 0);
-	struct ps_stats *st = bpf_get_local_storage(&ps_stats, 0);
+	return (a & b & PS_VERDICT_PASS) | ((a | b) & PS_VERDICT_CN);
+}
+
+// What ps_police needs to know of a packet, packed into one scalar argument (a global
+// function takes only the context and scalars on 5.10): its L3 bytes in the low 32 bits, then
+// these flags.
+#define PS_PK_INGRESS (1ULL << 32) // the direction: ingress when set
+#define PS_PK_OWN (1ULL << 33) // the cgroup's own limit, else the class of the rule given
+#define PS_PK_SLOT_SHIFT 34 // 2 bits: the class's slot in ps_peers.rule[dir]
+#define PS_PK_TCP (1ULL << 36)
+#define PS_PK_SYN (1ULL << 37)
+#define PS_PK_CONTROL (1ULL << 38) // a TCP socket's segment without payload
+#define PS_PK_FLOW (1ULL << 39) // a socket's data: counted in its flow's marks
+#define PS_PK_ECT_SHIFT 40 // 2 bits: the packet's ECN field
+
+// What ps_police returns beside the verdict (bits 0-1).
+#define PS_POLICED_MARK 4 // set CE on the packet
+#define PS_POLICED_UNPACED 8 // its flow now counts as unpaced
+
+// Runs one limiter over a packet: the cgroup's own limit, or the class of `rule` (key `owner`,
+// `rule`) when PS_PK_OWN is clear. Refill, epoch, flow count, verdict and debit. Returns the
+// verdict with PS_POLICED_* bits.
+//
+// A global function: the verifier checks it once, alone, and its callers as if it were a
+// helper with an unknown result. As a static function it was checked again for every call
+// site and every verdict the earlier limiters could return, which took ps_egress past the
+// verifier's 1M-instruction budget with four peer classes (inlined, ps_ingress already).
+__noinline int ps_police(struct __sk_buff *skb, __u64 owner, __u32 rule, __u64 pk, __u64 now)
+{
+	const int dir = (pk & PS_PK_INGRESS) ? PS_INGRESS : PS_EGRESS;
+	const int own = !!(pk & PS_PK_OWN), slot = (pk >> PS_PK_SLOT_SHIFT) & (PS_MAX_RULES - 1);
+	const int tcp = !!(pk & PS_PK_TCP), syn = !!(pk & PS_PK_SYN);
+	const int control = !!(pk & PS_PK_CONTROL), ect = (pk >> PS_PK_ECT_SHIFT) & 3;
+	const __u32 wire = (__u32)pk;
 	struct ps_flow *fl = NULL;
 	struct ps_dir_state *d;
-	struct ps_pkt p;
-	__u64 rate, now, depth;
-	int verdict = PS_PASS, mark = 0, control = 0, unpaced = 0;
+	struct ps_cgroup *c;
+	__u32 *flow_epoch;
+	int verdict, m = 0, out = 0;
+	__u64 rate, depth;
 
-	// Loopback (127.0.0.0/8, ::1, the pod's own addresses) stays free and uncounted.
-	if (skb->ifindex == PS_LOOPBACK_IFINDEX)
-		return PS_PASS;
-	ps_parse(skb, &p);
+	if (own) {
+		c = bpf_get_local_storage(&ps_cgroups, 0);
+	} else {
+		struct ps_class_key k = {.owner = owner, .rule = rule & PS_RULE_ID_MASK};
 
-	rate = ps_rate(cg, dir);
-	if (!rate)
-		goto count;
-
-	// TCP and UDP sockets that move data count as flows: TCP for its share, both for the
-	// depth of the bucket.
-	if ((p.tcp || p.udp) && p.payload && skb->sk) {
-		struct bpf_sock *sk = bpf_sk_fullsock(skb->sk);
-
-		if (sk)
-			fl = bpf_sk_storage_get(&ps_flows, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	} else if (p.tcp && skb->sk) {
-		struct bpf_sock *sk = bpf_sk_fullsock(skb->sk);
-
-		// A TCP socket's segment without payload: an ACK, SYN, FIN or RST. Raw sockets
-		// sending TCP headers are not TCP sockets and get no such pass.
-		control = sk && sk->type == PS_SOCK_STREAM;
+		c = bpf_map_lookup_elem(&ps_classes, &k);
+		if (!c)
+			return PS_PASS;
 	}
-	now = bpf_ktime_get_ns();
-	d = &cg->dir[dir];
+	rate = ps_rate(c, dir);
+	if (!rate)
+		return PS_PASS;
+	d = &c->dir[dir];
 
 	// A control segment needs no verdict (see below): it is debited without the lock, which
 	// halves the locking of a bulk transfer (one ACK for every data packet or two). A debit
 	// lost to a concurrent refill is a few dozen bytes. Ingress SYNs take the locked path: they
 	// count a flow.
-	if (control && !(dir == PS_INGRESS && p.syn) && READ_ONCE(d->refill_ns) &&
-	    READ_ONCE(cg->generation_seen) == READ_ONCE(cg->config.generation)) {
+	if (control && !(dir == PS_INGRESS && syn) && READ_ONCE(d->refill_ns) &&
+	    READ_ONCE(c->generation_seen) == READ_ONCE(c->config.generation)) {
 		if (READ_ONCE(d->tokens) > -(__s64)(2 * ps_depth(d, rate))) {
-			__sync_fetch_and_add(&d->tokens, -(__s64)p.wire);
-			__sync_fetch_and_add(&d->epoch_bytes, p.wire);
+			__sync_fetch_and_add(&d->tokens, -(__s64)wire);
+			__sync_fetch_and_add(&d->epoch_bytes, wire);
 		}
-		goto count;
+		return PS_PASS;
 	}
 
-	bpf_spin_lock(&cg->lock);
-	if (cg->generation_seen != cg->config.generation) {
-		cg->generation_seen = cg->config.generation;
-		ps_restart(&cg->dir[0]);
-		ps_restart(&cg->dir[1]);
+	// The socket's flow state, which ps_handle created for a data packet.
+	if ((pk & PS_PK_FLOW) && skb->sk) {
+		struct bpf_sock *sk = bpf_sk_fullsock(skb->sk);
+
+		if (sk)
+			fl = bpf_sk_storage_get(&ps_flows, sk, 0, 0);
+	}
+	flow_epoch = !fl ? NULL : own ? &fl->epoch[dir] : &fl->rule_epoch[dir][slot];
+
+	bpf_spin_lock(&c->lock);
+	if (c->generation_seen != c->config.generation) {
+		c->generation_seen = c->config.generation;
+		ps_restart(&c->dir[0]);
+		ps_restart(&c->dir[1]);
 	}
 	ps_refill(d, rate, now);
 	ps_roll_epoch(d, rate, now);
 
-	if ((dir == PS_INGRESS && p.syn) || (fl && fl->epoch[dir] != d->epoch + 1)) {
-		if (fl && !p.syn)
-			fl->epoch[dir] = d->epoch + 1;
+	if ((dir == PS_INGRESS && syn) || (flow_epoch && *flow_epoch != d->epoch + 1)) {
+		if (flow_epoch && !syn)
+			*flow_epoch = d->epoch + 1;
 		ps_flow_joins(d, rate);
 	}
 	// The share goes out on the flows' next pure ACKs (the rate option, sock_ops).
-	if (dir == PS_INGRESS && p.tcp)
+	if (dir == PS_INGRESS && tcp)
 		ps_brake(d, rate);
 	depth = ps_depth(d, rate);
-	verdict = ps_judge(d->tokens, depth, p.tcp, dir, p.ect, &mark);
+	verdict = ps_judge(d->tokens, depth, tcp, dir, ect, &m);
+	if (m)
+		out |= PS_POLICED_MARK;
 	if (verdict & PS_VERDICT_PASS) {
-		d->tokens -= p.wire;
-		d->epoch_bytes += p.wire;
-	} else if (dir == PS_INGRESS && p.tcp && fl) {
-		unpaced = ps_flow_unpaced(&fl->opt_since, d->epoch);
+		d->tokens -= wire;
+		d->epoch_bytes += wire;
+	} else if (dir == PS_INGRESS && tcp && fl && own) {
+		if (ps_flow_unpaced(&fl->opt_since, d->epoch))
+			out |= PS_POLICED_UNPACED;
 	} else if (control) {
 		// Never drop a TCP socket's control segments: ACKs clock the data flowing the other
 		// way, and a pod uploading at 15 Gbit/s with a 1M ingress limit stalled for a
@@ -174,13 +217,89 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		// minutes after.
 		verdict = PS_PASS;
 	}
-	bpf_spin_unlock(&cg->lock);
+	bpf_spin_unlock(&c->lock);
+	return verdict | out;
+}
 
-	if (mark && bpf_skb_ecn_set_ce(skb))
+static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
+{
+	struct ps_cgroup *cg = bpf_get_local_storage(&ps_cgroups, 0);
+	struct ps_stats *st = bpf_get_local_storage(&ps_stats, 0);
+	int verdict = PS_PASS, policed = 0;
+	struct ps_pkt p;
+	__u64 pk, now;
+	__u32 rules;
+
+	// Loopback (127.0.0.0/8, ::1, the pod's own addresses) stays free and uncounted.
+	if (skb->ifindex == PS_LOOPBACK_IFINDEX)
+		return PS_PASS;
+	ps_parse(skb, &p, dir);
+
+	rules = READ_ONCE(cg->peers.rule[dir][0]);
+	if (!ps_rate(cg, dir) && !rules)
+		goto count;
+
+	pk = p.wire | (dir == PS_INGRESS ? PS_PK_INGRESS : 0) |
+	     ((__u64)(p.ect & 3) << PS_PK_ECT_SHIFT);
+	if (p.tcp)
+		pk |= PS_PK_TCP | (p.syn ? PS_PK_SYN : 0);
+	// TCP and UDP sockets that move data count as flows: TCP for its share, both for the
+	// depth of the bucket.
+	if ((p.tcp || p.udp) && p.payload && skb->sk) {
+		struct bpf_sock *sk = bpf_sk_fullsock(skb->sk);
+
+		if (sk && bpf_sk_storage_get(&ps_flows, sk, 0, BPF_SK_STORAGE_GET_F_CREATE))
+			pk |= PS_PK_FLOW;
+	} else if (p.tcp && skb->sk) {
+		struct bpf_sock *sk = bpf_sk_fullsock(skb->sk);
+
+		// A TCP socket's segment without payload: an ACK, SYN, FIN or RST. Raw sockets
+		// sending TCP headers are not TCP sockets and get no such pass.
+		if (sk && sk->type == PS_SOCK_STREAM)
+			pk |= PS_PK_CONTROL;
+	}
+	now = bpf_ktime_get_ns();
+
+	// The peer classes first: the packet goes through each class that covers its peer, then
+	// through the cgroup's own limit. A packet one of them drops still debited those before
+	// it: at most one packet's worth per drop.
+	if (rules && p.has_addr) {
+		__u64 owner = READ_ONCE(cg->peers.owner);
+
+		for (int i = 0; i < PS_MAX_RULES; i++) {
+			__u32 rule = READ_ONCE(cg->peers.rule[dir][i]);
+			int r;
+
+			if (!rule)
+				break;
+			if (!ps_is_peer(rule, &p.addr))
+				continue;
+			r = ps_police(skb, (rule & PS_RULE_SHARED) ? 0 : owner, rule,
+			              pk | ((__u64)i << PS_PK_SLOT_SHIFT), now);
+			policed |= r;
+			verdict = ps_both(verdict, r & PS_PASS_CN);
+			if (!(verdict & PS_VERDICT_PASS))
+				goto judged;
+		}
+	}
+	{
+		int r = ps_police(skb, 0, 0, pk | PS_PK_OWN, now);
+
+		policed |= r;
+		verdict = ps_both(verdict, r & PS_PASS_CN);
+	}
+judged:
+	// The verifier sees ps_police's result as any number: the mask bounds the verdict for it,
+	// as 6.1's cannot follow ps_both's bits; the empty asm keeps clang, which can, from
+	// dropping the mask. Ingress has no congestion-notification verdicts: ps_judge never
+	// gives one there.
+	asm volatile("" : "+r"(verdict));
+	verdict &= dir == PS_INGRESS ? PS_VERDICT_PASS : PS_PASS_CN;
+	if ((policed & PS_POLICED_MARK) && bpf_skb_ecn_set_ce(skb))
 		__sync_fetch_and_add(&st->marks[dir], 1);
 	if (verdict == PS_PASS_CN)
 		__sync_fetch_and_add(&st->marks[dir], 1);
-	if (unpaced)
+	if (policed & PS_POLICED_UNPACED)
 		__sync_fetch_and_add(&st->unpaced_flows, 1);
 	if (!(verdict & PS_VERDICT_PASS)) {
 		__sync_fetch_and_add(&st->drops[dir], 1);

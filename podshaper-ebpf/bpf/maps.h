@@ -53,4 +53,39 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ps_node SEC(".maps");
 
+// (rule, address prefix) -> PS_PEER_IN or PS_PEER_OUT (an except inside a peer). Longest
+// prefix wins, so an except carves its range out of the peer around it. Written by the daemon
+// (a rule's peers), read by the cgroup_skb and sock_ops programs of cgroups bound to the rule.
+// Pinned; holds what the rules hold, up to PS_MAX_PEER_PREFIXES.
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PS_MAX_PEER_PREFIXES);
+	__type(key, struct ps_peer_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ps_peers SEC(".maps");
+
+// struct ps_class_key -> struct ps_cgroup (config and controller state of one peer class; its
+// `peers` unused). The daemon creates and removes entries and writes their config
+// (BPF_F_LOCK); the programs keep the state, as for a cgroup. Pinned; preallocated.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PS_MAX_CLASSES);
+	__type(key, struct ps_class_key);
+	__type(value, struct ps_cgroup);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ps_classes SEC(".maps");
+
+// Rule id -> struct ps_rule (name, direction, rate, flags). Written and read by the daemon
+// only: its record of the rules, so that a restarted daemon finds them. Pinned.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PS_MAX_RULE_IDS);
+	__type(key, __u32);
+	__type(value, struct ps_rule);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ps_rules SEC(".maps");
+
 #endif

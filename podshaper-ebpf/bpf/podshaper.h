@@ -9,7 +9,7 @@
 
 #include <linux/types.h>
 
-#define PS_ABI_VERSION 3
+#define PS_ABI_VERSION 4
 
 #define PS_EGRESS 0
 #define PS_INGRESS 1
@@ -48,14 +48,74 @@ struct ps_dir_state {
 	__u32 flows[PS_FLOW_EPOCHS];
 };
 
+// Capacities of the peer maps (maps.h). Not LRU: an evicted entry would lift a limit. The
+// daemon refuses a rule or binding past them, whole, before it writes anything.
+#define PS_MAX_PEER_PREFIXES 262144
+#define PS_MAX_CLASSES 16384
+#define PS_MAX_RULE_IDS 4096
+
+// Peer rules a cgroup is bound to, per direction, at most this many each.
+#define PS_MAX_RULES 4
+// Set in a rule id of ps_peers.rule: the rule's class is shared by every cgroup bound to it on
+// this node (owner 0 in ps_class_key), not one class per cgroup.
+#define PS_RULE_SHARED 0x80000000U
+// Rule ids run from 1; 0 ends a cgroup's list.
+#define PS_RULE_ID_MASK 0x7fffffffU
+// ps_peers map values: the address is one of the rule's peers, or inside one of its excepts.
+#define PS_PEER_OUT 0
+#define PS_PEER_IN 1
+
+// The peer rules of one cgroup: which rules cap its traffic to or from their peers, beside the
+// cgroup's own limit (ps_config.rate). Written by the daemon with the config (BPF_F_LOCK).
+struct ps_peers {
+	// The cgroup's id, the owner of its per-cgroup classes (the programs see the attach
+	// point's storage but not its id).
+	__u64 owner;
+	// Rule ids (| PS_RULE_SHARED), 0-terminated.
+	__u32 rule[2][PS_MAX_RULES];
+};
+
 // Per-cgroup value of ps_cgroups: the daemon's config and the programs' state. Its head (lock,
 // generation_seen, config) keeps its layout in every ABI version: a newer daemon reads an older
-// one's limits from it when it migrates the pinned state.
+// one's limits from it when it migrates the pinned state. ps_classes holds the same struct for
+// each peer class; there `peers` is unused.
 struct ps_cgroup {
 	struct bpf_spin_lock lock;
 	__u32 generation_seen;
 	struct ps_config config;
 	struct ps_dir_state dir[2];
+	struct ps_peers peers;
+};
+
+// Key of ps_peers (an LPM trie): a rule and an address, prefixlen counting the rule's 32 bits
+// too. IPv6 entries have PS_PEER_V6 in `rule`, IPv4 ones the address in addr[0..4] and zeros
+// after: the families never match each other (an IPv6 ::/0 covers no IPv4 peer), and an
+// IPv4-mapped IPv6 peer (::ffff:a.b.c.d, a dual-stack socket's) is looked up as IPv4. Value:
+// PS_PEER_IN or PS_PEER_OUT.
+#define PS_PEER_V6 0x80000000U
+struct ps_peer_key {
+	__u32 prefixlen;
+	__u32 rule;
+	__u8 addr[16];
+};
+
+// Key of ps_classes: a peer class is a rule's state for one cgroup (owner = its id) or, for a
+// shared rule, for all of them on the node (owner 0).
+struct ps_class_key {
+	__u64 owner;
+	__u32 rule;
+	__u32 pad;
+};
+
+// A peer rule's settings, value of ps_rules (key: rule id). Only the daemon reads and writes
+// it: what it needs to find its rules again after a restart.
+#define PS_RULE_NAME_LEN 112
+struct ps_rule {
+	// Limit in bits/s of L3 traffic to or from the rule's peers.
+	__u64 rate;
+	__u32 dir;
+	__u32 flags;
+	char name[PS_RULE_NAME_LEN];
 };
 
 // Per-CPU counters of one cgroup, value of ps_stats. Summed over CPUs by the daemon.
@@ -102,8 +162,11 @@ struct ps_flow {
 	__u32 opt_lapse;
 	// Receiver side: the cgroup's ingress epoch (+1) when the flow's first rate option was
 	// reserved, 0 before; PS_OPT_SINCE_COUNTED once the flow was counted as unpaced. Written
-	// by sock_ops (first option) and the ingress program (counted). (Was padding.)
+	// by sock_ops (first option) and the ingress program (counted).
 	__u32 opt_since;
+	// Epoch (+1) of each peer class (by its slot in ps_peers.rule) in which the flow was last
+	// counted as active there, per direction.
+	__u32 rule_epoch[2][PS_MAX_RULES];
 };
 
 // Per-CPU counters of the rate option on this node, value of ps_node (one entry). Written by

@@ -11,7 +11,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include <linux/tcp.h>
-#include "maps.h"
+#include "peers.h"
 
 #define PS_SOL_SOCKET 1
 #define PS_SO_MAX_PACING_RATE 47
@@ -65,6 +65,19 @@ static __always_inline void ps_read_addrs(struct bpf_sock_ops *skops, struct ps_
 	a->l[1] = READ_ONCE(skops->local_ip6[1]);
 	a->l[2] = READ_ONCE(skops->local_ip6[2]);
 	a->l[3] = READ_ONCE(skops->local_ip6[3]);
+}
+
+// The remote address, as ps_peers keys it.
+static __always_inline void ps_remote(struct bpf_sock_ops *skops, struct ps_addr *addr)
+{
+	struct ps_addrs a;
+
+	if (skops->family == PS_AF_INET) {
+		ps_addr_of4(addr, skops->remote_ip4);
+		return;
+	}
+	ps_read_addrs(skops, &a);
+	ps_addr_of6(addr, a.r);
 }
 
 // Whether the peer is this host's loopback or the socket's own address (v4-mapped IPv6
@@ -131,8 +144,9 @@ static __always_inline void ps_clamp(struct bpf_sock_ops *skops, struct ps_flow 
 		fl->clamp = segs;
 }
 
-// Paces the socket at the lower of its own cgroup's egress share (cg: the cgroup's state, NULL
-// in the node-level program) and the rate its peer's receiver asked for, while that is fresh.
+// Paces the socket at the lowest of its own cgroup's egress share and those of the cgroup's peer
+// classes covering its peer (cg: the cgroup's state, NULL in the node-level program) and the
+// rate its peer's receiver asked for, while that is fresh.
 // `force`: apply even if the cgroup's program already did for this snd_una (a new option).
 // Returns whether the socket is paced.
 static __always_inline int ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup *cg,
@@ -140,7 +154,8 @@ static __always_inline int ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup
 {
 	struct bpf_sock *sk = skops->sk;
 	struct ps_flow *fl;
-	__u64 rate, share, target;
+	__u64 share, target;
+	struct ps_addr addr;
 	int val;
 
 	if (!sk || ps_local(skops))
@@ -154,14 +169,9 @@ static __always_inline int ps_apply(struct bpf_sock_ops *skops, struct ps_cgroup
 	if (!cg && !force && fl->handled_una == skops->snd_una && fl->applied)
 		return fl->applied != PS_UNLIMITED;
 	if (cg) {
-		rate = ps_rate(cg, PS_EGRESS);
-		fl->egress = 0;
-		if (rate) {
-			share = READ_ONCE(cg->dir[PS_EGRESS].share);
-			if (!share)
-				share = rate;
-			fl->egress = ps_payload(skops, share);
-		}
+		ps_remote(skops, &addr);
+		share = ps_flow_share(cg, PS_EGRESS, &addr);
+		fl->egress = share ? ps_payload(skops, share) : 0;
 	} else if (!force && fl->handled_una != skops->snd_una) {
 		// The socket's cgroup program did not run for this ACK: it was detached (the limit
 		// lifted), and the egress share it set goes with it. Without this, an established
@@ -211,7 +221,8 @@ static __always_inline void ps_opt_len(struct bpf_sock_ops *skops, struct ps_cgr
 	struct bpf_sock *sk = skops->sk;
 	struct ps_node_stats *ns;
 	struct ps_flow *fl;
-	__u64 rate, share;
+	struct ps_addr addr;
+	__u64 share;
 	__u32 value;
 
 	if (!sk || (skops->args[0] & BPF_WRITE_HDR_TCP_CURRENT_MSS) || skops->skb_len ||
@@ -222,10 +233,10 @@ static __always_inline void ps_opt_len(struct bpf_sock_ops *skops, struct ps_cgr
 		return;
 	if (cg) {
 		fl->opt_rcv_nxt = skops->rcv_nxt;
-		rate = ps_rate(cg, PS_INGRESS);
-		if (rate) {
-			share = READ_ONCE(cg->dir[PS_INGRESS].share);
-			value = ps_opt_encode(share ? share : rate);
+		ps_remote(skops, &addr);
+		share = ps_flow_share(cg, PS_INGRESS, &addr);
+		if (share) {
+			value = ps_opt_encode(share);
 			fl->opt_lapse = PS_OPT_LAPSE_ACKS;
 		} else if (fl->opt_lapse) {
 			value = ps_opt_none();

@@ -2,7 +2,7 @@
 //! writes map memory; the tests below compare every layout with what the C compiler says.
 
 /// Version of the pinned-state layout; pins live under `<bpffs root>/v<ABI_VERSION>`.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// `PS_FLOW_EPOCHS`: epochs over which a flow counts as active.
 pub const FLOW_EPOCHS: usize = 4;
@@ -56,7 +56,77 @@ pub struct Cgroup {
     pub generation_seen: u32,
     pub config: Config,
     pub dir: [DirState; 2],
+    pub peers: Peers,
 }
+
+/// `PS_MAX_RULES`: peer rules a cgroup may be bound to, per direction.
+pub const MAX_RULES: usize = 4;
+/// `PS_RULE_SHARED`: in a rule id bound to a cgroup, the rule's class is the node's, shared.
+pub const RULE_SHARED: u32 = 0x8000_0000;
+/// `PS_RULE_ID_MASK`: the largest rule id.
+pub const RULE_ID_MAX: u32 = 0x7fff_ffff;
+/// `PS_PEER_IN` / `PS_PEER_OUT`: values of `ps_peers`.
+pub const PEER_IN: u32 = 1;
+pub const PEER_OUT: u32 = 0;
+/// `PS_PEER_V6`: in the rule field of a `ps_peers` key, the address is IPv6.
+pub const PEER_V6: u32 = 0x8000_0000;
+/// `PS_RULE_NAME_LEN`: room for a rule's name, its NUL included.
+pub const RULE_NAME_LEN: usize = 112;
+/// Capacities of the peer maps (`maps.h`).
+pub const MAX_PEER_PREFIXES: usize = 262_144;
+pub const MAX_CLASSES: usize = 16_384;
+pub const MAX_RULE_IDS: usize = 4096;
+
+/// `struct ps_peers`: the rules a cgroup is bound to (ids, `| RULE_SHARED`, 0-terminated) and
+/// its own id, the owner of its classes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peers {
+    pub owner: u64,
+    pub rule: [[u32; MAX_RULES]; 2],
+}
+
+/// `struct ps_peer_key`: key of the `ps_peers` LPM trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerKey {
+    pub prefixlen: u32,
+    pub rule: u32,
+    pub addr: [u8; 16],
+}
+
+/// `struct ps_class_key`: key of `ps_classes`; owner 0 for a shared rule's class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClassKey {
+    pub owner: u64,
+    pub rule: u32,
+    pub pad: u32,
+}
+
+/// `struct ps_rule`: value of `ps_rules`, the daemon's record of a rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Rule {
+    pub rate: u64,
+    pub dir: u32,
+    pub flags: u32,
+    pub name: [u8; RULE_NAME_LEN],
+}
+
+impl Default for Rule {
+    fn default() -> Self {
+        Self {
+            rate: 0,
+            dir: 0,
+            flags: 0,
+            name: [0; RULE_NAME_LEN],
+        }
+    }
+}
+
+/// `ps_rule.flags`: the rule's class is shared by the cgroups bound to it.
+pub const RULE_FLAG_SHARED: u32 = 1;
 
 /// `struct ps_stats`: one CPU's counters of one cgroup.
 #[repr(C)]
@@ -102,6 +172,7 @@ pub struct Flow {
     pub opt_rcv_nxt: u32,
     pub opt_lapse: u32,
     pub opt_since: u32,
+    pub rule_epoch: [[u32; MAX_RULES]; 2],
 }
 
 /// `struct ps_node_stats`: one CPU's rate-option counters of the node (see podshaper.h).
@@ -171,6 +242,19 @@ mod tests {
         assert_eq!(offset_of!(Stats, marks), c::OFF_ps_stats_marks);
         assert_eq!(offset_of!(Stats, adjusts), c::OFF_ps_stats_adjusts);
         assert_eq!(offset_of!(Stats, unpaced_flows), c::OFF_ps_stats_unpaced_flows);
+        assert_eq!(size_of::<Peers>(), c::SIZE_ps_peers);
+        assert_eq!(size_of::<PeerKey>(), c::SIZE_ps_peer_key);
+        assert_eq!(size_of::<ClassKey>(), c::SIZE_ps_class_key);
+        assert_eq!(size_of::<Rule>(), c::SIZE_ps_rule);
+        assert_eq!(MAX_RULES, c::MAX_RULES);
+        assert_eq!(RULE_NAME_LEN, c::RULE_NAME_LEN);
+        assert_eq!(MAX_PEER_PREFIXES, c::MAX_PEER_PREFIXES);
+        assert_eq!(MAX_CLASSES, c::MAX_CLASSES);
+        assert_eq!(MAX_RULE_IDS, c::MAX_RULE_IDS);
+        assert_eq!(PEER_V6, c::PEER_V6);
+        assert_eq!(offset_of!(Cgroup, peers), c::OFF_ps_cgroup_peers);
+        assert_eq!(offset_of!(Flow, rule_epoch), c::OFF_ps_flow_rule_epoch);
+        assert_eq!(offset_of!(Rule, name), c::OFF_ps_rule_name);
     }
 
     // Migration reads an older version's limits from the head of its ps_cgroup value: that

@@ -18,9 +18,10 @@ use podshaper_api::{
 use tracing::{debug, info, instrument};
 
 use crate::{
-    abi::{self, Cgroup, Config, NodeStats, Stats},
+    abi::{self, Cgroup, Config, NodeStats, Peers, Stats},
     cgroup::{self, CgroupDir},
     pins::{self, Pins},
+    rules::ClassState,
     sys, Error,
 };
 
@@ -30,7 +31,7 @@ static CGROUP_SKB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// The limits pinned in a cgroup's config (bits/s, 0 = none). Every value was a [`Rate`] when
 /// it was written; one out of its bounds (written by hand) reads as the nearest bound rather
 /// than as no limit.
-fn limits_of(c: &Config) -> Limits {
+pub(crate) fn limits_of(c: &Config) -> Limits {
     let opt = |v: u64| (v != 0).then(|| Rate::from_bps(v.clamp(MIN_BPS, MAX_BPS)).ok())?;
     Limits {
         egress: opt(c.rate[abi::EGRESS]),
@@ -47,18 +48,26 @@ pub struct CgroupState {
     pub stats: Stats,
     /// TCP flows counted as active (data in one of the last four epochs), per direction.
     pub flows: [u32; 2],
+    /// The peer rules the cgroup is bound to, with their classes' state.
+    pub peers: Vec<ClassState>,
 }
 
 /// The loaded programs and pinned maps.
 pub struct Datapath {
     pins: Pins,
-    mount: PathBuf,
+    pub(crate) mount: PathBuf,
     peer_pacing: bool,
     sock_ops: Ebpf,
     cgroup_skb: Ebpf,
-    cgroups: MapData,
+    pub(crate) cgroups: MapData,
     stats: MapData,
     node: MapData,
+    pub(crate) peers: MapData,
+    pub(crate) classes: MapData,
+    pub(crate) rule_records: MapData,
+    /// The rules in ps_rules and their ps_peers entries, by name: read back at load, kept in
+    /// step with every change.
+    pub(crate) rules: crate::rules::Held,
     ncpus: usize,
 }
 
@@ -108,6 +117,9 @@ impl Datapath {
         let cgroups = open_pinned(&maps_dir.join("ps_cgroups"))?;
         let stats = open_pinned(&maps_dir.join("ps_stats"))?;
         let node = open_pinned(&maps_dir.join("ps_node"))?;
+        let peers = open_pinned(&maps_dir.join("ps_peers"))?;
+        let classes = open_pinned(&maps_dir.join("ps_classes"))?;
+        let rule_records = open_pinned(&maps_dir.join("ps_rules"))?;
         let ncpus = aya::util::nr_cpus().map_err(|(what, source)| Error::Io {
             what: format!("read {what}"),
             source,
@@ -121,6 +133,10 @@ impl Datapath {
             cgroups,
             stats,
             node,
+            rules: crate::rules::Held::read(&rule_records, &peers)?,
+            peers,
+            classes,
+            rule_records,
             ncpus,
         };
         // This build's programs into the links an earlier daemon of this version pinned.
@@ -203,24 +219,69 @@ impl Datapath {
         Ok(stats)
     }
 
+    /// How many instructions the kernel's verifier went through for each program, by name
+    /// (kernel 5.16+; empty before). The budget is 1M a program: this is how close to it a
+    /// change took them.
+    pub fn verifier_costs(&self) -> Vec<(&'static str, u32)> {
+        let mut costs = Vec::new();
+        for (obj, name) in [
+            (&self.sock_ops, "ps_sockops"),
+            (&self.sock_ops, "ps_node_ops"),
+            (&self.cgroup_skb, "ps_egress"),
+            (&self.cgroup_skb, "ps_ingress"),
+        ] {
+            let count = obj
+                .program(name)
+                .and_then(|p| p.info().ok())
+                .and_then(|info| info.verified_instruction_count());
+            if let Some(count) = count {
+                costs.push((name, count));
+            }
+        }
+        costs
+    }
+
     /// The pinned-state tree this datapath uses.
     pub fn pins(&self) -> &Pins {
         &self.pins
     }
 
     /// Sets the limits of a cgroup, attaching the programs first if it has none. Applies live:
-    /// established flows pick up the new share on their next ACK.
+    /// established flows pick up the new share on their next ACK. The peer rules the cgroup
+    /// is bound to stay; a cgroup left with neither is detached.
     #[instrument(skip_all, fields(cgroup = %cg.path.display()))]
     pub fn set(&mut self, cg: &CgroupDir, limits: Limits) -> Result<(), Error> {
-        if limits.is_none() {
+        self.write(cg, Some(limits), None)
+    }
+
+    /// Writes a cgroup's limits and/or peer rules (None: keep what it has), attaching the
+    /// programs first if it has none and detaching them if it is left with neither.
+    pub(crate) fn write(
+        &mut self,
+        cg: &CgroupDir,
+        limits: Option<Limits>,
+        peers: Option<Peers>,
+    ) -> Result<(), Error> {
+        let dir = self.pins.cgroup_links(cg.id);
+        let attached = dir.exists();
+        let current = if attached {
+            self.read_cgroup(cg.id)?
+        } else {
+            Cgroup::default()
+        };
+        let limits = limits.unwrap_or_else(|| limits_of(&current.config));
+        let mut peers = peers.unwrap_or(current.peers);
+        peers.owner = cg.id;
+        if limits.is_none() && peers.rule.iter().all(|r| r[0] == 0) {
             return self.remove(cg.id);
         }
         if cg.path == self.mount {
             return Err(Error::RootCgroup(cg.path.clone()));
         }
-        let dir = self.pins.cgroup_links(cg.id);
-        let mut value = if dir.exists() {
-            self.read_cgroup(cg.id)?
+        // Classes before the cgroup points at them: a full class map refuses the change whole.
+        self.add_classes(&current.peers, &peers)?;
+        let mut value = if attached {
+            current
         } else {
             self.attach(cg, &dir)?;
             // The kernel may hand back storage of an earlier attach (shared cgroup storage
@@ -229,8 +290,13 @@ impl Datapath {
             Cgroup::default()
         };
         let (egress, ingress) = limits.bps();
-        value.config.rate = [egress.unwrap_or(0), ingress.unwrap_or(0)];
-        value.config.generation = value.config.generation.wrapping_add(1);
+        let rate = [egress.unwrap_or(0), ingress.unwrap_or(0)];
+        if value.config.rate != rate || !attached {
+            value.config.rate = rate;
+            value.config.generation = value.config.generation.wrapping_add(1);
+        }
+        let old_peers = value.peers;
+        value.peers = peers;
         sys::update(
             self.cgroups.fd().as_fd(),
             cg.id,
@@ -241,6 +307,7 @@ impl Datapath {
             what: format!("write limits of cgroup {}", cg.id),
             source,
         })?;
+        self.drop_classes(cg.id, &old_peers, &peers)?;
         debug!(?limits, generation = value.config.generation, "limits written");
         Ok(())
     }
@@ -385,10 +452,12 @@ impl Datapath {
         Ok(())
     }
 
-    /// Detaches everything podshaper attached to a cgroup (a no-op if nothing is).
+    /// Detaches everything podshaper attached to a cgroup (a no-op if nothing is), its peer
+    /// classes included.
     #[instrument(skip(self))]
     pub fn remove(&mut self, id: u64) -> Result<(), Error> {
-        pins::remove_tree(&self.pins.cgroup_links(id))
+        pins::remove_tree(&self.pins.cgroup_links(id))?;
+        self.drop_owned_classes(id)
     }
 
     /// Ids of the cgroups with pinned links.
@@ -420,6 +489,7 @@ impl Datapath {
             limits: limits_of(&value.config),
             stats,
             flows: [value.dir[0].active_flows(), value.dir[1].active_flows()],
+            peers: self.classes_of(&value.peers),
         }))
     }
 
@@ -432,14 +502,14 @@ impl Datapath {
     }
 
     /// One value per CPU of `key` in the per-CPU map `map`.
-    fn read_per_cpu<T: Copy + Default>(&self, map: &MapData, key: u64) -> std::io::Result<Vec<T>> {
+    pub(crate) fn read_per_cpu<T: Copy + Default>(&self, map: &MapData, key: u64) -> std::io::Result<Vec<T>> {
         let stride = per_cpu_stride::<T>();
         let mut buf = vec![0u8; stride * self.ncpus];
         sys::lookup(map.fd().as_fd(), key, &mut buf, 0)?;
         Ok(buf.chunks_exact(stride).map(sys::from_bytes::<T>).collect())
     }
 
-    fn read_cgroup(&self, id: u64) -> Result<Cgroup, Error> {
+    pub(crate) fn read_cgroup(&self, id: u64) -> Result<Cgroup, Error> {
         let mut buf = vec![0u8; std::mem::size_of::<Cgroup>()];
         sys::lookup(self.cgroups.fd().as_fd(), id, &mut buf, sys::BPF_F_LOCK).map_err(|source| {
             Error::Map {

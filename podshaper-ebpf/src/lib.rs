@@ -9,10 +9,12 @@ mod datapath;
 pub mod features;
 pub mod pins;
 mod rate_option;
+mod rules;
 mod sys;
 
 pub use datapath::{reset, CgroupState, Datapath};
 pub use podshaper_api::Limits;
+pub use rules::{ClassState, RuleState};
 
 /// Errors of the datapath.
 #[derive(Debug, thiserror::Error)]
@@ -82,4 +84,26 @@ pub enum Error {
     MissingProgram(String),
     #[error("{0}")]
     Kernel(String),
+    #[error(transparent)]
+    Rule(#[from] podshaper_api::peers::RuleError),
+    #[error("no peer rule named {0:?} on this node (set it first: `podshaper rule set`)")]
+    UnknownRule(String),
+    #[error("rule {name} is {was}: a rule keeps its direction; remove it and set it again to make it {now}")]
+    RuleDirection {
+        name: String,
+        was: podshaper_api::Direction,
+        now: podshaper_api::Direction,
+    },
+    #[error("{what}: {wanted} would exceed this node's capacity of {capacity}; nothing was changed")]
+    Capacity {
+        what: &'static str,
+        wanted: usize,
+        capacity: usize,
+    },
+    #[error("a cgroup can be bound to at most {max} {direction} rules, not {count}; nothing was changed")]
+    TooManyRules {
+        direction: podshaper_api::Direction,
+        count: usize,
+        max: usize,
+    },
 }

@@ -2,13 +2,14 @@
 //! /sys/fs/bpf/podshaper):
 //!
 //! ```text
-//! v3/maps/{ps_cgroups,ps_stats,ps_flows,ps_node} maps, pinned by name by the loader
-//! v3/links/<cgroup id>/{sockops,egress,ingress}   one bpf_link per hook per limited cgroup
-//! v3/node                                        sock_ops on the node's cgroup root (sender
+//! v4/maps/{ps_cgroups,ps_stats,ps_flows,ps_node,   maps, pinned by name by the loader
+//!         ps_peers,ps_classes,ps_rules}
+//! v4/links/<cgroup id>/{sockops,egress,ingress}   one bpf_link per hook per limited cgroup
+//! v4/node                                        sock_ops on the node's cgroup root (sender
 //!                                                pacing), unless --no-peer-pacing
 //! ```
 //!
-//! `v3` is the ABI version: a daemon adopts pins of its own version, migrates older ones
+//! `v4` is the ABI version: a daemon adopts pins of its own version, migrates older ones
 //! (`Datapath::load`) and refuses newer ones.
 use std::{
     fs, io,

@@ -15,10 +15,13 @@ use std::{
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 /// Copy the value under its `bpf_spin_lock`, skipping the lock itself.
 pub(crate) const BPF_F_LOCK: u64 = 4;
 /// Update only an existing element (cgroup storage cannot be created from user space).
 pub(crate) const BPF_EXIST: u64 = 2;
+pub(crate) const BPF_NOEXIST: u64 = 1;
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -72,31 +75,95 @@ struct ElemAttr {
     flags: u64,
 }
 
-fn elem_op(cmd: libc::c_long, fd: BorrowedFd<'_>, key: &u64, value: *mut u8, flags: u64) -> io::Result<()> {
+fn elem_op<K: Copy>(
+    cmd: libc::c_long,
+    fd: BorrowedFd<'_>,
+    key: &K,
+    value: *mut u8,
+    flags: u64,
+) -> io::Result<()> {
     let attr = ElemAttr {
         map_fd: fd.as_raw_fd() as u32,
         _pad: 0,
-        key: key as *const u64 as u64,
+        key: key as *const K as u64,
         value: value as u64,
         flags,
     };
-    // SAFETY: key and value outlive the call and the caller sized `value` for the map
-    // (checked against the map's value size by the callers).
+    // SAFETY: key and value point at buffers of the map's key and value sizes, which the
+    // callers size from the same #[repr(C)] types the map was created with.
     unsafe { bpf(cmd, &attr) }?;
     Ok(())
 }
 
-/// Reads the value of `key` into `out`.
 pub(crate) fn lookup(fd: BorrowedFd<'_>, key: u64, out: &mut [u8], flags: u64) -> io::Result<()> {
     elem_op(BPF_MAP_LOOKUP_ELEM, fd, &key, out.as_mut_ptr(), flags)
 }
 
-/// Writes `value` at `key`.
 pub(crate) fn update(fd: BorrowedFd<'_>, key: u64, value: &[u8], flags: u64) -> io::Result<()> {
     elem_op(BPF_MAP_UPDATE_ELEM, fd, &key, value.as_ptr() as *mut u8, flags)
 }
 
-/// Views a plain-old-data value as bytes.
+/// Lookup of a map keyed by a struct `K` with values of type `V`.
+pub(crate) fn lookup_as<K: Copy, V: Copy + Default>(
+    fd: BorrowedFd<'_>,
+    key: &K,
+    flags: u64,
+) -> io::Result<V> {
+    let mut v = V::default();
+    elem_op(BPF_MAP_LOOKUP_ELEM, fd, key, &mut v as *mut V as *mut u8, flags)?;
+    Ok(v)
+}
+
+/// Update of a map keyed by a struct `K` with values of type `V`.
+pub(crate) fn update_as<K: Copy, V: Copy>(
+    fd: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+    flags: u64,
+) -> io::Result<()> {
+    elem_op(BPF_MAP_UPDATE_ELEM, fd, key, value as *const V as *mut u8, flags)
+}
+
+/// Deletes `key`; a key that is not there is not an error.
+pub(crate) fn delete_as<K: Copy>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    match elem_op(BPF_MAP_DELETE_ELEM, fd, key, std::ptr::null_mut(), 0) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r,
+    }
+}
+
+/// Every key of a map (BPF_MAP_GET_NEXT_KEY from none). A map changed meanwhile may yield a
+/// key twice or miss one added during the walk; callers hold the only writer.
+pub(crate) fn keys_as<K: Copy + Default>(fd: BorrowedFd<'_>) -> io::Result<Vec<K>> {
+    #[repr(C)]
+    struct NextAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+    }
+    let mut keys = Vec::new();
+    let mut next = K::default();
+    let mut prev: Option<K> = None;
+    loop {
+        let attr = NextAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: prev.as_ref().map_or(0, |k| k as *const K as u64),
+            next_key: &mut next as *mut K as u64,
+        };
+        // SAFETY: key and next_key point at K-sized buffers, the map's key size.
+        match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &attr) } {
+            Ok(_) => {
+                keys.push(next);
+                prev = Some(next);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 pub(crate) fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: T is a #[repr(C)] POD of integers (only the abi types are passed here).
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }

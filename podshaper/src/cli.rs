@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use podshaper_api::{
     human_bps,
-    proto::{CgroupStatus, Change, NodeStatus, Request, Response, DEFAULT_SOCKET},
-    Rate,
+    proto::{CgroupStatus, Change, NodeStatus, Request, Response, RuleStatus, DEFAULT_SOCKET},
+    Direction, PeerRule, Rate,
 };
 use podshaper_ebpf::pins::DEFAULT_ROOT;
 use tracing_subscriber::EnvFilter;
@@ -65,8 +65,9 @@ enum Command {
         #[arg(long)]
         ignore_unconfirmed: bool,
     },
-    /// Set or change the limits of a cgroup v2 directory and everything below it. Applies
-    /// live; a direction not given keeps its limit, `none` removes it.
+    /// Set or change the limits of a cgroup v2 directory and everything below it, and the
+    /// peer rules it is bound to. Applies live; a direction not given keeps its limit, `none`
+    /// removes it.
     Limit {
         /// The cgroup: a path in the cgroup v2 mount, or relative to it.
         #[arg(long)]
@@ -80,7 +81,15 @@ enum Command {
         /// A name for `status` to show instead of the path (kept until the daemon restarts).
         #[arg(long)]
         name: Option<String>,
+        /// Bind the cgroup to these peer rules (comma-separated names, see `podshaper rule`),
+        /// replacing those it had; `none` unbinds it from all. Not given: keep them.
+        #[arg(long, value_delimiter = ',')]
+        rules: Option<Vec<String>>,
     },
+    /// Peer rules: caps on the traffic to or from a set of addresses, for the cgroups bound to
+    /// them (`limit --rules`), beside each cgroup's own limits.
+    #[command(subcommand)]
+    Rule(RuleCommand),
     /// Remove every limit, program and map entry of a cgroup.
     Unlimit {
         #[arg(long)]
@@ -110,6 +119,65 @@ enum Command {
     /// Show the shaper at work on this machine: two "pods" in network namespaces and cgroups,
     /// traffic unlimited, limited both ways, then a live change. Needs root and iperf3.
     Demo(crate::demo::Args),
+}
+
+#[derive(Subcommand, Debug)]
+enum RuleCommand {
+    /// Set a rule, or change it in place (its direction stays); bound cgroups follow live.
+    Set {
+        /// The rule's name, up to 111 bytes.
+        name: String,
+        /// Cap the traffic the bound cgroups send to the peers at this rate.
+        #[arg(long, value_parser = Rate::parse_cli, conflicts_with = "ingress", required_unless_present = "ingress")]
+        egress: Option<Rate>,
+        /// Cap the traffic the bound cgroups receive from the peers at this rate.
+        #[arg(long, value_parser = Rate::parse_cli)]
+        ingress: Option<Rate>,
+        /// A block of peer addresses, IPv4 or IPv6 (198.18.0.0/15, 2001:2::/48, 198.18.0.7).
+        /// Repeat for more.
+        #[arg(long = "peer", required = true, value_parser = parse_net)]
+        peers: Vec<ipnet::IpNet>,
+        /// Addresses to leave out of the smallest --peer block that holds them. Repeat for
+        /// more.
+        #[arg(long, value_parser = parse_net)]
+        except: Vec<ipnet::IpNet>,
+        /// One cap for all the bound cgroups of this host together, not one each.
+        #[arg(long)]
+        shared: bool,
+    },
+    /// Remove a rule and unbind it from every cgroup.
+    Remove { name: String },
+    /// List the rules.
+    List {
+        /// Machine-readable output: a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+// A CIDR, or a single address as its /32 or /128.
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            format!("invalid address block {s:?}: expected a CIDR (198.18.0.0/15, 2001:2::/48) or an address")
+        })
+}
+
+// The peer blocks of `rule set`: each except goes to the smallest block that holds it.
+fn blocks(peers: Vec<ipnet::IpNet>, except: Vec<ipnet::IpNet>) -> Result<Vec<podshaper_api::IpBlock>> {
+    let mut blocks: Vec<podshaper_api::IpBlock> = peers.into_iter().map(podshaper_api::IpBlock::of).collect();
+    for e in except {
+        let Some(b) = blocks
+            .iter_mut()
+            .filter(|b| b.cidr.contains(&e) && b.cidr.prefix_len() < e.prefix_len())
+            .max_by_key(|b| b.cidr.prefix_len())
+        else {
+            bail!("--except {e} is inside no --peer block");
+        };
+        b.except.push(e);
+    }
+    Ok(blocks)
 }
 
 #[derive(clap::Args, Debug)]
@@ -245,18 +313,56 @@ fn run(cli: Cli) -> Result<ExitCode> {
             egress,
             ingress,
             name,
+            rules,
         } => {
-            if egress.is_none() && ingress.is_none() {
-                bail!("give --egress and/or --ingress (a rate such as 10M, or none)");
+            if egress.is_none() && ingress.is_none() && rules.is_none() {
+                bail!("give --egress and/or --ingress (a rate such as 10M, or none), or --rules");
             }
+            let rules = rules.map(|r| if r == ["none"] { Vec::new() } else { r });
             let req = Request::Limit {
                 cgroup,
                 egress: egress.unwrap_or_default(),
                 ingress: ingress.unwrap_or_default(),
                 name,
+                rules,
             };
             if let Response::Ok { status: Some(s) } = rt.block_on(ask(&cli.socket, &req))? {
                 print_table(&[s]);
+            }
+        }
+        Command::Rule(RuleCommand::Set {
+            name,
+            egress,
+            ingress,
+            peers,
+            except,
+            shared,
+        }) => {
+            let (direction, rate) = match (egress, ingress) {
+                (Some(r), _) => (Direction::Egress, r),
+                (None, Some(r)) => (Direction::Ingress, r),
+                (None, None) => bail!("give --egress or --ingress"),
+            };
+            let rule = PeerRule {
+                name,
+                direction,
+                rate,
+                shared,
+                peers: blocks(peers, except)?,
+            };
+            rule.validate()?;
+            rt.block_on(ask(&cli.socket, &Request::SetRule { rule }))?;
+        }
+        Command::Rule(RuleCommand::Remove { name }) => {
+            rt.block_on(ask(&cli.socket, &Request::RemoveRule { name }))?;
+        }
+        Command::Rule(RuleCommand::List { json }) => {
+            if let Response::Rules { rules } = rt.block_on(ask(&cli.socket, &Request::Rules))? {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rules)?);
+                } else {
+                    print_rules(&rules);
+                }
             }
         }
         Command::Unlimit { cgroup } => {
@@ -329,6 +435,24 @@ fn print_node(n: Option<&NodeStatus>) {
     );
 }
 
+fn print_rules(rules: &[RuleStatus]) {
+    println!(
+        "{:<40} {:<9} {:>9} {:<8} {:>9} {:>8}",
+        "RULE", "DIRECTION", "LIMIT", "SCOPE", "PREFIXES", "CGROUPS"
+    );
+    for r in rules {
+        println!(
+            "{:<40} {:<9} {:>9} {:<8} {:>9} {:>8}",
+            r.name,
+            r.direction.to_string(),
+            r.limit.to_string(),
+            if r.shared { "shared" } else { "each" },
+            r.prefixes,
+            r.cgroups
+        );
+    }
+}
+
 fn print_table(rows: &[CgroupStatus]) {
     let lim = |r: &Option<Rate>| r.map(|r| r.to_string()).unwrap_or_else(|| "-".into());
     println!(
@@ -358,6 +482,32 @@ fn print_table(rows: &[CgroupStatus]) {
             format!("{}/{}", r.egress.marks, r.ingress.marks),
             r.ingress.unpaced_flows.unwrap_or(0),
         );
+        // The cgroup's peer rules, one line each, under it.
+        for p in &r.peers {
+            let (eg, eg_rate, ing, in_rate) = match p.direction {
+                Direction::Egress => (
+                    p.limit.to_string(),
+                    human_bps(p.rate_bps as f64),
+                    "-".into(),
+                    "-".into(),
+                ),
+                Direction::Ingress => (
+                    "-".into(),
+                    "-".into(),
+                    p.limit.to_string(),
+                    human_bps(p.rate_bps as f64),
+                ),
+            };
+            let scope = if p.shared { " (shared)" } else { "" };
+            println!(
+                "{:<44} {:>9} {:>10} {:>9} {:>10}",
+                format!("  peers: {}{scope}", p.rule),
+                eg,
+                eg_rate,
+                ing,
+                in_rate
+            );
+        }
     }
 }
 

@@ -87,6 +87,7 @@ pub fn run(args: Args) -> Result<()> {
             egress,
             ingress,
             name: Some("demo/pod".into()),
+            rules: None,
         }) {
             Response::Error { message } => bail!("{message}"),
             _ => Ok(()),

@@ -16,6 +16,7 @@ use std::{
     time::Duration,
 };
 
+use podshaper_api::{Direction, IpBlock, PeerRule};
 use podshaper_ebpf::{
     abi::{EGRESS, INGRESS},
     Limits,
@@ -447,6 +448,33 @@ fn a_client_through_a_service_address_is_paced() {
     );
     let taken = lab.b.node_stats().expect("B's counters").opt_taken;
     assert!(taken > 0, "node B took no rate option");
+}
+
+/// The verifier's budget is 1M instructions a program; a change that took any program past a
+/// fifth of it (four peer classes multiply the paths) is caught here, not on a user's kernel
+/// with another verifier. Kernels before 5.16 do not report the count: the test then checks
+/// only that the programs load.
+#[test]
+fn every_program_leaves_the_verifier_most_of_its_budget() {
+    let Some(_guard) = privileged() else { return };
+    let dp = TempDatapath::load("verifier").expect("load datapath");
+    let costs = dp.verifier_costs();
+    for (name, count) in &costs {
+        eprintln!("{name}: {count} instructions verified");
+        assert!(
+            *count < 200_000,
+            "{name} took the verifier through {count} instructions, past a fifth of its 1M budget"
+        );
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
+    let mut parts = release.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    if (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (5, 16) {
+        assert_eq!(
+            costs.len(),
+            4,
+            "kernel {release} reports no count for some programs: {costs:?}"
+        );
+    }
 }
 
 // Options of our kind and ExID that are not ours to read (another version, a wrong length) are
@@ -1269,19 +1297,19 @@ fn the_daemon_tells_a_missing_cgroup_from_other_errors() {
     let pod = Cgroup::new("typed").expect("cgroup");
     let ten = Change::Set(Rate::from_bps(10 * M).expect("rate"));
     let status = state
-        .limit(pod.path(), ten, Change::Keep, Some("ns/pod".into()))
+        .limit(pod.path(), ten, Change::Keep, Some("ns/pod".into()), None)
         .expect("limit")
         .expect("a status");
     assert_eq!(status.egress.limit.map(Rate::bps), Some(10 * M));
 
     let gone = pod.path().with_file_name("no-such-cgroup");
     let err = state
-        .limit(&gone, ten, Change::Keep, None)
+        .limit(&gone, ten, Change::Keep, None, None)
         .expect_err("missing cgroup");
     assert!(err.is_no_such_cgroup(), "{err:?}");
     let file = pod.path().join("cgroup.procs");
     let err = state
-        .limit(&file, ten, Change::Keep, None)
+        .limit(&file, ten, Change::Keep, None, None)
         .expect_err("a file is no cgroup");
     assert!(!err.is_no_such_cgroup(), "{err:?}");
 
@@ -1294,7 +1322,7 @@ fn the_daemon_tells_a_missing_cgroup_from_other_errors() {
     assert_eq!(attached_programs(pod.path()), 0);
     // The next limit loads the datapath again.
     state
-        .limit(pod.path(), ten, Change::Keep, None)
+        .limit(pod.path(), ten, Change::Keep, None, None)
         .expect("limit after reset");
     assert_eq!(attached_programs(pod.path()), 3);
     assert_eq!(state.status(None).expect("status").len(), 1);
@@ -1318,4 +1346,449 @@ fn the_kernel_has_every_feature_the_datapath_uses() {
         );
     }
     podshaper_ebpf::features::check().expect("the kernel has everything");
+}
+
+// ---- Peer rules: caps on the traffic to or from some addresses, beside a cgroup's own limits.
+
+/// A second address of B (and of its IPv6 side): the peer the rules below name, while B's
+/// first address stays a peer that no rule names.
+/// The port of the second iperf3 server, beside the default one.
+const SECOND_PORT: u16 = 5202;
+const B2_V4: std::net::Ipv4Addr = NetnsPair::B2_V4;
+const B2_V6: std::net::Ipv6Addr = NetnsPair::B2_V6;
+
+fn add_b2(pair: &NetnsPair) {
+    pair.add_second_b().expect("B's second addresses");
+}
+
+fn net(s: &str) -> ipnet::IpNet {
+    s.parse().expect("CIDR")
+}
+
+fn peer_rule(name: &str, direction: Direction, rate: u64, shared: bool, peers: Vec<IpBlock>) -> PeerRule {
+    PeerRule {
+        name: name.into(),
+        direction,
+        rate: podshaper_api::Rate::from_bps(rate).expect("rate"),
+        shared,
+        peers,
+    }
+}
+
+/// Two TCP flows at once, each from `pods[i]` (namespace A) to `to[i]` in B, where one
+/// iperf3 server per flow runs in `server`; `reverse`: the pods receive. Both reports.
+fn two_at_once(
+    pair: &NetnsPair,
+    pods: [&Cgroup; 2],
+    server: &Cgroup,
+    to: [IpAddr; 2],
+    reverse: bool,
+    secs: u32,
+) -> [IperfReport; 2] {
+    let ports = [podshaper_testbed::ServerOptions::default().port, SECOND_PORT];
+    let _servers: Vec<IperfServer> = ports
+        .iter()
+        .map(|&port| {
+            let opts = ServerOptions {
+                port,
+                ..ServerOptions::default()
+            };
+            IperfServer::start(pair.b(), Some(server), &opts).expect("iperf3 server")
+        })
+        .collect();
+    let clients: Vec<_> = (0..2)
+        .map(|i| {
+            let opts = ClientOptions {
+                traffic: tcp(),
+                port: ports[i],
+                secs,
+                reverse,
+                ..ClientOptions::new(to[i])
+            };
+            (Some(pods[i]), opts)
+        })
+        .collect();
+    let reports = podshaper_testbed::run_clients(pair.a(), &clients).expect("iperf3 clients");
+    reports.try_into().expect("two reports")
+}
+
+/// Runs a limited and an unlimited flow at once (to B's second and first address) and checks
+/// that the peer rule held the first near `rate` with few retransmits and left the second
+/// well above it. `l3`: the flows' header overhead.
+fn assert_peer_capped(
+    what: &str,
+    lab: &Lab,
+    limited: IpAddr,
+    free: IpAddr,
+    reverse: bool,
+    rate: u64,
+    l3: L3,
+) {
+    let [capped, other] = two_at_once(
+        &lab.pair,
+        [&lab.pod, &lab.pod],
+        &lab.peer,
+        [limited, free],
+        reverse,
+        4,
+    );
+    assert_within(
+        &format!("{what}: the flow to the rule's peer"),
+        l3.l3_bps(capped.mean_after_bps(1.0).expect("intervals")) / rate as f64,
+        0.8,
+        1.15,
+    );
+    let retransmits = capped.retransmits.expect("TCP report");
+    let free_bps = l3.l3_bps(other.mean_after_bps(1.0).expect("intervals"));
+    eprintln!(
+        "{what}: capped flow {:.3} of the rule with {retransmits} retransmits; the other {:.0} Mbit/s",
+        l3.l3_bps(capped.mean_after_bps(1.0).expect("intervals")) / rate as f64,
+        free_bps / 1e6
+    );
+    assert!(
+        retransmits <= 40,
+        "{what}: {retransmits} retransmits on the capped flow: not paced"
+    );
+    assert!(
+        free_bps > 3.0 * rate as f64,
+        "{what}: the flow to a peer no rule names got {:.1} Mbit/s, not > 3x the rule's {} Mbit/s",
+        free_bps / 1e6,
+        rate / M
+    );
+    let s = lab.dp.state(lab.pod.id()).expect("state").expect("limited");
+    assert_eq!(s.peers.len(), 1, "{s:?}");
+    assert!(
+        s.peers[0].flows > 0 || s.peers[0].measured_bps > 0,
+        "the class saw no traffic: {s:?}"
+    );
+}
+
+/// A lab whose B has its second addresses, with `rule` set and bound to the pod.
+fn lab_with_rule(label: &str, rule: &PeerRule) -> Lab {
+    let mut lab = Lab::new(label);
+    add_b2(&lab.pair);
+    lab.dp.set_rule(rule).expect("set rule");
+    let dir = lab.pod.dir().expect("dir");
+    lab.dp.bind(&dir, std::slice::from_ref(&rule.name)).expect("bind");
+    lab
+}
+
+#[test]
+fn a_peer_rule_caps_egress_to_its_peers_and_leaves_other_traffic_alone() {
+    let Some(_g) = privileged() else { return };
+    let rate = scaled(20 * M);
+    // The block holds both of B's addresses; its except gives the first one back.
+    let rule = peer_rule(
+        "db",
+        Direction::Egress,
+        rate,
+        false,
+        vec![IpBlock {
+            cidr: net("198.18.0.0/24"),
+            except: vec![net("198.18.0.2/32")],
+        }],
+    );
+    let lab = lab_with_rule("peer-egress", &rule);
+    assert_peer_capped("IPv4", &lab, IpAddr::V4(B2_V4), b_v4(), false, rate, L3::TCP_V4);
+}
+
+#[test]
+fn a_peer_rule_with_an_except_caps_ipv6_peers() {
+    let Some(_g) = privileged() else { return };
+    let rate = scaled(20 * M);
+    let rule = peer_rule(
+        "db6",
+        Direction::Egress,
+        rate,
+        false,
+        vec![IpBlock {
+            cidr: net("2001:2::/64"),
+            except: vec![net("2001:2::2/128")],
+        }],
+    );
+    let lab = lab_with_rule("peer-v6", &rule);
+    assert_peer_capped(
+        "IPv6",
+        &lab,
+        IpAddr::V6(B2_V6),
+        IpAddr::V6(NetnsPair::B_V6),
+        false,
+        rate,
+        L3::TCP_V6,
+    );
+}
+
+#[test]
+fn an_ingress_peer_rule_paces_only_its_peers_senders() {
+    let Some(_g) = privileged() else { return };
+    let rate = scaled(20 * M);
+    let rule = peer_rule(
+        "backup",
+        Direction::Ingress,
+        rate,
+        false,
+        vec![IpBlock::of(net("198.18.0.3/32"))],
+    );
+    let lab = lab_with_rule("peer-ingress", &rule);
+    assert_peer_capped("ingress", &lab, IpAddr::V4(B2_V4), b_v4(), true, rate, L3::TCP_V4);
+}
+
+#[test]
+fn a_shared_peer_rule_holds_the_sum_of_its_cgroups() {
+    let Some(_g) = privileged() else { return };
+    let mut lab = Lab::new("peer-shared");
+    add_b2(&lab.pair);
+    let other = lab.dp.pod("peer-shared-2").expect("second pod");
+    let rate = scaled(20 * M);
+    let rule = peer_rule(
+        "batch",
+        Direction::Egress,
+        rate,
+        true,
+        vec![IpBlock::of(net("198.18.0.3/32"))],
+    );
+    lab.dp.set_rule(&rule).expect("set rule");
+    for cg in [&lab.pod, &other] {
+        lab.dp
+            .bind(&cg.dir().expect("dir"), &["batch".into()])
+            .expect("bind");
+    }
+    let to = IpAddr::V4(B2_V4);
+    let reports = two_at_once(&lab.pair, [&lab.pod, &other], &lab.peer, [to, to], false, 5);
+    let each: Vec<f64> = reports
+        .iter()
+        .map(|r| L3::TCP_V4.l3_bps(r.mean_after_bps(1.0).expect("intervals")))
+        .collect();
+    assert_within(
+        "the sum of two cgroups sharing a rule",
+        (each[0] + each[1]) / rate as f64,
+        0.8,
+        1.15,
+    );
+    for (i, bps) in each.iter().enumerate() {
+        assert!(
+            *bps > 0.25 * rate as f64,
+            "cgroup {i} got {:.1} of the shared {:.1} Mbit/s: starved",
+            bps / 1e6,
+            rate as f64 / 1e6
+        );
+    }
+    let retransmits: u64 = reports.iter().map(|r| r.retransmits.expect("TCP")).sum();
+    assert!(
+        retransmits <= 40,
+        "{retransmits} retransmits: the shared class did not pace"
+    );
+    drop(other);
+}
+
+#[test]
+fn a_peer_moved_out_of_a_rule_is_released_live() {
+    let Some(_g) = privileged() else { return };
+    let Lab {
+        pair,
+        pod,
+        mut dp,
+        peer,
+        ..
+    } = Lab::new("peer-live");
+    add_b2(&pair);
+    let rate = 20 * M;
+    let mut rule = peer_rule(
+        "db",
+        Direction::Egress,
+        rate,
+        false,
+        vec![IpBlock::of(net("198.18.0.2/32"))],
+    );
+    dp.set_rule(&rule).expect("set rule");
+    dp.bind(&pod.dir().expect("dir"), &["db".into()]).expect("bind");
+    // 3 s into the flow the peer leaves the rule (a label change, as the agent sees it).
+    rule.peers = vec![IpBlock::of(net("198.18.0.3/32"))];
+    let (r, ()) = change_mid_flow(
+        &mut dp,
+        &pod,
+        EGRESS,
+        Duration::from_secs(3),
+        || iperf(&pair, &pod, Some(&peer), b_v4(), tcp(), 1, 6, false),
+        |dp| dp.set_rule(&rule).expect("move the peer out"),
+    );
+    assert_within(
+        "while the peer is in the rule",
+        weighted_mean(&r, 1.0, 2.9) / rate as f64,
+        0.8,
+        1.15,
+    );
+    let after = weighted_mean(&r, 4.0, 6.0);
+    assert!(
+        after > 3.0 * rate as f64,
+        "after the peer left the rule: {:.1} Mbit/s, still capped",
+        after / 1e6
+    );
+    drop(pod);
+    drop(peer);
+    drop(dp);
+}
+
+#[test]
+fn bad_peer_rules_and_bindings_are_refused_whole_and_removal_leaks_nothing() {
+    let Some(_g) = privileged() else { return };
+    let mut lab = Lab::new("peer-bad");
+    let dir = lab.pod.dir().expect("dir");
+    let ok = peer_rule(
+        "db",
+        Direction::Egress,
+        20 * M,
+        false,
+        vec![IpBlock::of(net("198.18.0.3/32"))],
+    );
+    lab.dp.set_rule(&ok).expect("set rule");
+    lab.dp.bind(&dir, &["db".into()]).expect("bind");
+    let before = (lab.dp.rule_states(), lab.dp.class_count().expect("classes"));
+    let bound = |lab: &Lab| -> Vec<String> {
+        let s = lab.dp.state(lab.pod.id()).expect("state").expect("limited");
+        s.peers.iter().map(|p| p.rule.clone()).collect()
+    };
+
+    // An except outside its block, a name too long, a rule turned around: refused.
+    let outside = peer_rule(
+        "db",
+        Direction::Egress,
+        20 * M,
+        false,
+        vec![IpBlock {
+            cidr: net("198.18.0.0/24"),
+            except: vec![net("198.19.0.0/24")],
+        }],
+    );
+    assert!(lab.dp.set_rule(&outside).is_err());
+    let long = peer_rule(
+        &"x".repeat(200),
+        Direction::Egress,
+        20 * M,
+        false,
+        ok.peers.clone(),
+    );
+    assert!(lab.dp.set_rule(&long).is_err());
+    let turned = peer_rule("db", Direction::Ingress, 20 * M, false, ok.peers.clone());
+    let err = lab.dp.set_rule(&turned).expect_err("direction change");
+    assert!(err.to_string().contains("keeps its direction"), "{err}");
+    // An unknown name, or five egress rules: the binding is refused and stays as it was.
+    let err = lab
+        .dp
+        .bind(&dir, &["db".into(), "nosuch".into()])
+        .expect_err("unknown rule");
+    assert!(err.to_string().contains("nosuch"), "{err}");
+    let names: Vec<String> = (0..5).map(|i| format!("r{i}")).collect();
+    for n in &names {
+        lab.dp
+            .set_rule(&peer_rule(n, Direction::Egress, 20 * M, false, ok.peers.clone()))
+            .expect("set rule");
+    }
+    let err = lab.dp.bind(&dir, &names).expect_err("too many rules");
+    assert!(err.to_string().contains("at most 4"), "{err}");
+    assert_eq!(bound(&lab), vec!["db".to_string()]);
+    for n in &names {
+        assert!(lab.dp.remove_rule(n).expect("remove"));
+    }
+    assert_eq!(
+        (lab.dp.rule_states(), lab.dp.class_count().expect("classes")),
+        before
+    );
+
+    // Removing the rule unbinds it; a cgroup left with neither limit nor rule is detached,
+    // and no class or peer entry is left behind.
+    assert!(lab.dp.remove_rule("db").expect("remove"));
+    assert!(!lab.dp.remove_rule("db").expect("remove again"));
+    assert!(lab.dp.state(lab.pod.id()).expect("state").is_none());
+    assert_eq!(attached_programs(lab.pod.path()), 0);
+    assert!(lab.dp.rule_states().is_empty());
+    assert_eq!(lab.dp.class_count().expect("classes"), 0);
+    assert_eq!(lab.dp.peer_entries().expect("entries"), 0);
+}
+
+#[test]
+fn peer_rules_hold_while_no_daemon_runs_and_a_new_one_adopts_them() {
+    let Some(_g) = privileged() else { return };
+    let (tmp, socket, bpffs) = daemon_paths("peers");
+    let pair = NetnsPair::new().expect("netns");
+    add_b2(&pair);
+    let pod = Cgroup::new("peer-restart").expect("cgroup");
+    let path = pod.path().to_string_lossy().into_owned();
+
+    let daemon = Daemon::start(&socket, &bpffs);
+    let out = cli(
+        &socket,
+        &[
+            "rule",
+            "set",
+            "db",
+            "--egress",
+            "20M",
+            "--peer",
+            "198.18.0.0/24",
+            "--except",
+            "198.18.0.2",
+        ],
+    );
+    assert!(out.status.success(), "rule set: {out:?}");
+    let out = cli(&socket, &["limit", "--cgroup", &path, "--rules", "db"]);
+    assert!(out.status.success(), "limit --rules: {out:?}");
+    // Bad input: a clear error, nothing changed.
+    let out = cli(&socket, &["limit", "--cgroup", &path, "--rules", "db,nosuch"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no peer rule named \"nosuch\""),
+        "{out:?}"
+    );
+    let out = cli(
+        &socket,
+        &[
+            "rule",
+            "set",
+            "x",
+            "--egress",
+            "20M",
+            "--peer",
+            "198.18.0.0/24",
+            "--except",
+            "198.19.0.0/24",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("inside no --peer block"),
+        "{out:?}"
+    );
+    daemon.stop();
+
+    // No daemon runs: the rule still caps the flow to its peer.
+    let r = iperf(&pair, &pod, None, IpAddr::V4(B2_V4), tcp(), 1, 3, false);
+    assert_within(
+        "to the rule's peer while the daemon is down",
+        ratio(&r, L3::TCP_V4, 20 * M),
+        0.8,
+        1.15,
+    );
+
+    // A new daemon finds the rule and the binding.
+    let daemon = Daemon::start(&socket, &bpffs);
+    let out = cli(&socket, &["rule", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("rule list JSON");
+    assert_eq!(v[0]["name"], "db", "{v}");
+    assert_eq!(v[0]["limit"], 20 * M, "{v}");
+    assert_eq!(v[0]["prefixes"], 2, "{v}");
+    assert_eq!(v[0]["cgroups"], 1, "{v}");
+    let out = cli(&socket, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(v[0]["cgroup"], path.as_str(), "{v}");
+    assert_eq!(v[0]["peers"][0]["rule"], "db", "{v}");
+    assert!(v[0]["egress"]["limit"].is_null(), "{v}");
+    // Removing the rule lifts it: the cgroup had nothing else, so it is detached.
+    let out = cli(&socket, &["rule", "remove", "db"]);
+    assert!(out.status.success(), "rule remove: {out:?}");
+    assert_eq!(attached_programs(pod.path()), 0);
+    let out = cli(&socket, &["reset"]);
+    assert!(out.status.success(), "reset: {out:?}");
+    daemon.stop();
+    let _ = std::fs::remove_dir_all(&tmp);
 }
