@@ -1,6 +1,8 @@
 //! podshaper-bench: how close podshaper and TBF (as the Kubernetes bandwidth CNI plugin sets
 //! it up) hold a pod to its limit, and what podshaper costs when it does not limit. Runs as
 //! root on the node it measures; prints progress to stderr and the tables to stdout.
+mod peers;
+
 use std::{
     fmt::Write as _,
     path::PathBuf,
@@ -17,7 +19,7 @@ use podshaper_testbed::{
     bpf_stats::{self, ProgStats},
     cpu,
     iperf::Protocol,
-    run_client,
+    run_client, run_clients,
     sampler::{self, InOctetsSampler},
     tbf::CONTAINERD_BURST_BITS,
     Cgroup, ClientOptions, IperfReport, IperfServer, Netns, NetnsPair, ServerOptions, Table, Tbf,
@@ -48,6 +50,10 @@ struct Args {
     /// Skip the overhead rows.
     #[arg(long)]
     no_overhead: bool,
+    /// Skip the peer-rule rows (podshaper only: a rule's peer and another address at once, a
+    /// shared rule over two pods, the lookup's cost).
+    #[arg(long)]
+    no_peers: bool,
     /// Run only the cases whose progress label contains TEXT, e.g. "ingress tcp bbr x8"
     /// (repeat or separate with commas: any of them).
     #[arg(long, value_name = "TEXT", value_delimiter = ',')]
@@ -205,21 +211,24 @@ fn run(args: Args) -> Result<()> {
     }
     let secs = args.secs.unwrap_or(if args.quick { 4 } else { 5 });
     let cases = matrix(&args);
+    let peer_cases = peer_matrix(&args);
     let pair = NetnsPair::new().context("create the two-namespace lab")?;
     if args.ecn {
         pair.a()
             .run("sysctl", &["-qw", "net.ipv4.tcp_ecn=1"])
             .context("ask for ECN in the pod's namespace")?;
     }
-    let mut datapath = if args.shaper.contains(&Shaper::Podshaper) || !args.no_overhead {
-        Some(TempDatapath::load("podshaper-bench").context("load the podshaper datapath")?)
-    } else {
-        None
-    };
+    let mut datapath =
+        if args.shaper.contains(&Shaper::Podshaper) || !args.no_overhead || !peer_cases.is_empty() {
+            Some(TempDatapath::load("podshaper-bench").context("load the podshaper datapath")?)
+        } else {
+            None
+        };
     // The other nodes, for senders elsewhere.
     let remote = if cases
         .iter()
         .any(|c| matches!(c.sender, Sender::OtherNode | Sender::TwoNodes | Sender::Service))
+        || peer_cases.iter().any(|c| c.from == peers::Origin::OtherNode)
     {
         Some(TempDatapath::load("podshaper-bench-remote").context("load the second node's datapath")?)
     } else {
@@ -296,6 +305,14 @@ fn run(args: Args) -> Result<()> {
         thread::sleep(Duration::from_millis(200));
     }
 
+    let (peer_results, peer_costs) = match &mut datapath {
+        Some(dp) if !peer_cases.is_empty() => {
+            let (results, costs) = run_peers(&pair, dp, remotes.one, &peer_cases, &args, secs)?;
+            (Some(results), costs)
+        }
+        _ => (None, None),
+    };
+
     let overhead = match (&mut datapath, args.no_overhead) {
         (Some(dp), false) if !INTERRUPTED.load(Ordering::SeqCst) => match overhead(&pair, dp, &args, secs) {
             Ok(t) => Some(t),
@@ -308,6 +325,15 @@ fn run(args: Args) -> Result<()> {
     };
 
     println!("{}", results.to_text());
+    if let Some(t) = &peer_results {
+        println!("Peer rules: TCP cubic, podshaper\n\n{}", t.to_text());
+    }
+    if let Some(t) = &peer_costs {
+        println!(
+            "Peer lookup cost: TCP cubic x1, nothing shaped\n\n{}",
+            t.to_text()
+        );
+    }
     if let Some(t) = &overhead {
         println!(
             "Overhead: TCP cubic, limit {} both ways vs no program, median of {OVERHEAD_RUNS} runs\n",
@@ -321,7 +347,11 @@ fn run(args: Args) -> Result<()> {
         bail!("interrupted: the tables above are partial, no Markdown written");
     }
     if let Some(path) = &args.markdown {
-        let mut md = markdown(&info, &method, &results, overhead.as_ref())?;
+        let peers = PeerTables {
+            results: peer_results.as_ref(),
+            costs: peer_costs.as_ref(),
+        };
+        let mut md = markdown(&info, &method, &results, &peers, overhead.as_ref())?;
         // The Kubernetes agent's section (podshaper-bench-k8s) is another bench's: keep it.
         let old = std::fs::read_to_string(path).unwrap_or_default();
         if let Some(i) = old.find("<!-- bench-k8s -->") {
@@ -331,6 +361,63 @@ fn run(args: Args) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The peer-rule cases this run measures: podshaper's only.
+fn peer_matrix(args: &Args) -> Vec<peers::PeerCase> {
+    if args.no_peers || !args.shaper.contains(&Shaper::Podshaper) {
+        return Vec::new();
+    }
+    let mut cases = peers::cases(args.quick);
+    cases.retain(|c| args.filter.is_empty() || args.filter.iter().any(|f| c.label().contains(f.as_str())));
+    cases
+}
+
+/// The peer-rule rows, then (unless --no-overhead or interrupted) the lookup's cost rows.
+fn run_peers(
+    pair: &NetnsPair,
+    dp: &mut TempDatapath,
+    remote: Option<&TempDatapath>,
+    cases: &[peers::PeerCase],
+    args: &Args,
+    secs: u32,
+) -> Result<(Table, Option<Table>)> {
+    pair.add_second_b()
+        .context("B's second address, the rule's peer")?;
+    let mut results = peers::table();
+    for (i, case) in cases.iter().enumerate() {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            break;
+        }
+        eprint!("[peers {}/{}] {} ... ", i + 1, cases.len(), case.label());
+        let t0 = Instant::now();
+        match peers::run(pair, dp, remote, case, secs) {
+            Ok((row, note)) => {
+                eprintln!("{note} [{:.1} s]", t0.elapsed().as_secs_f64());
+                results.push(row);
+            }
+            Err(e) => eprintln!("failed: {e:#}"),
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    if args.no_overhead {
+        return Ok((results, None));
+    }
+    let mut costs = peers::cost_table();
+    for entries in peers::COST_ENTRIES {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            break;
+        }
+        eprint!("[peer cost] {entries} entries ... ");
+        match peers::cost(pair, dp, entries, secs) {
+            Ok(row) => {
+                eprintln!("egress {} ingress {}", row[1], row[2]);
+                costs.push(row);
+            }
+            Err(e) => eprintln!("failed: {e:#}"),
+        }
+    }
+    Ok((results, Some(costs)))
 }
 
 fn matrix(args: &Args) -> Vec<Case> {
@@ -584,33 +671,24 @@ fn measure_two(
         .collect::<Result<Vec<_>, _>>()?;
     let sampler = InOctetsSampler::start(pair.a(), Duration::from_millis(100))?;
     let t0 = Instant::now();
-    let reports = thread::scope(|s| {
-        let clients: Vec<_> = ports
-            .map(|port| {
-                let opts = ClientOptions {
-                    port,
-                    flows: client.flows / 2,
-                    ..client.clone()
-                };
-                s.spawn(move || run_client(pair.a(), Some(cg), &opts))
-            })
-            .into_iter()
-            .collect();
-        clients
-            .into_iter()
-            .map(|c| match c.join() {
-                Ok(r) => Ok(r?),
-                Err(_) => bail!("an iperf3 client thread panicked"),
-            })
-            .collect::<Result<Vec<_>>>()
-    });
+    let clients: Vec<_> = ports
+        .iter()
+        .map(|&port| {
+            let opts = ClientOptions {
+                port,
+                flows: client.flows / 2,
+                ..client.clone()
+            };
+            (Some(cg), opts)
+        })
+        .collect();
+    let reports = run_clients(pair.a(), &clients);
     let samples = sampler.finish()?;
     let [a, b]: [IperfReport; 2] = reports?
         .try_into()
         .map_err(|_| anyhow::anyhow!("two reports expected"))?;
-    let rates = [a.mean_after_bps(SKIP_SECS), b.mean_after_bps(SKIP_SECS)];
-    let jain = match rates {
-        [Some(x), Some(y)] if x + y > 0.0 => Some((x + y).powi(2) / (2.0 * (x * x + y * y))),
+    let jain = match [a.mean_after_bps(SKIP_SECS), b.mean_after_bps(SKIP_SECS)] {
+        [Some(x), Some(y)] => jain(&[x, y]),
         _ => None,
     };
     Ok(Measured {
@@ -618,6 +696,13 @@ fn measure_two(
         peak_over_mean: peak_over_mean(&samples, t0, client.secs),
         jain,
     })
+}
+
+/// Jain's fairness index of some rates: 1 when equal, 1/n when one takes all.
+fn jain(rates: &[f64]) -> Option<f64> {
+    let sum: f64 = rates.iter().sum();
+    let squares: f64 = rates.iter().map(|r| r * r).sum();
+    (sum > 0.0).then(|| sum * sum / (rates.len() as f64 * squares))
 }
 
 /// Two reports of one test run side by side as one: totals added, intervals added pairwise.
@@ -957,7 +1042,19 @@ fn method(args: &Args, secs: u32) -> Vec<String> {
 }
 
 /// The whole of docs/benchmarks.md: `make bench` regenerates it.
-fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option<&Table>) -> Result<String> {
+/// The peer-rule tables of a run, where it measured them.
+struct PeerTables<'a> {
+    results: Option<&'a Table>,
+    costs: Option<&'a Table>,
+}
+
+fn markdown(
+    info: &RunInfo,
+    method: &[String],
+    results: &Table,
+    peers: &PeerTables,
+    overhead: Option<&Table>,
+) -> Result<String> {
     let mut md = String::new();
     writeln!(md, "# Benchmarks\n")?;
     writeln!(
@@ -968,7 +1065,7 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
         md,
         "podshaper against TBF as Kubernetes sets it up (the bandwidth CNI plugin with containerd's \
          burst), each holding one pod to a limit, on the same machine in the same run. The bench is \
-         `podshaper-testbed/src/bin/podshaper-bench.rs`; `make bench` (as root) runs the full matrix \
+         `podshaper-testbed/src/bin/podshaper-bench/`; `make bench` (as root) runs the full matrix \
          (about 20 minutes), `BENCH_ARGS=--quick` a small one.\n"
     )?;
     writeln!(md, "## Run\n")?;
@@ -998,6 +1095,37 @@ fn markdown(info: &RunInfo, method: &[String], results: &Table, overhead: Option
     )?;
     writeln!(md, "## Results\n")?;
     writeln!(md, "{}", results.to_markdown())?;
+    if let Some(t) = peers.results {
+        writeln!(md, "## Peer rules\n")?;
+        writeln!(
+            md,
+            "Limits between pods ([policy.md](policy.md)), podshaper only (TBF cannot tell one peer \
+             from another). Per peer: a rule at the target covers B's second address; the pod runs \
+             the case's flows to it and one flow to B's first address at the same time, which no \
+             rule names. steady/target and retransmits are the capped flows'; the unlimited \
+             peer's column is the other flow's steady rate, which should stay far above the \
+             target. Shared, 2 pods: one shared rule at the target over two pods, each running \
+             the case's flows to the rule's peer; steady/target is their sum, retransmits both \
+             pods', Jain's index their two steady rates. Ingress rows: B sends (iperf3 -R) from \
+             a cgroup on the pod's node, or on a second node whose only link to the pod's is the \
+             rate option. Targets as for the per-pod rows: steady/target in [0.97, 1.01] egress, \
+             [0.95, 1.02] ingress, retransmits at most 20.\n"
+        )?;
+        writeln!(md, "{}", t.to_markdown())?;
+    }
+    if let Some(t) = peers.costs {
+        writeln!(md, "## Peer lookup cost\n")?;
+        writeln!(
+            md,
+            "The kernel's bpf_stats (run_time_ns / run_cnt) of the pod's cgroup programs for one \
+             TCP flow to a rule's peer each way, with that many /32 blocks in each of an egress \
+             and an ingress rule bound to the pod (the peer among them, the rest in \
+             198.19.0.0/16), rates far above what the lab carries so that nothing is shaped; 0 = \
+             no rule, the pod's own limit at the same high rate. A run counts every packet the \
+             program sees: data (GSO batches, so one run is many segments) and ACKs.\n"
+        )?;
+        writeln!(md, "{}", t.to_markdown())?;
+    }
     if let Some(t) = overhead {
         writeln!(md, "## Overhead\n")?;
         writeln!(
