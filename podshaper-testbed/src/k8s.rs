@@ -80,6 +80,21 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Starts etcd and kube-apiserver and waits until the apiserver is ready.
     pub async fn start() -> Result<Self> {
+        // The ports are found free, then released for etcd and the apiserver to bind: another
+        // process may take one in between. Only that is retried, with new ports.
+        let mut attempt = 1;
+        loop {
+            match Self::start_once().await {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                    tracing::warn!(error = %format!("{e:#}"), "a control-plane port was taken; retrying");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once() -> Result<Self> {
         let bin = bin_dir()?;
         let dir = std::env::temp_dir().join(unique_name("-k8s"));
         fs::create_dir_all(&dir)?;
@@ -234,25 +249,32 @@ impl ControlPlane {
             match admin.request_text(req).await {
                 Ok(body) if body.trim() == "ok" => return Ok(()),
                 _ if Instant::now() > deadline => {
-                    let log = fs::read_to_string(self.dir.join("apiserver.log")).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(20).collect();
                     bail!(
-                        "kube-apiserver not ready after 90 s; last log lines:\n{}",
-                        tail.join("\n")
+                        "kube-apiserver not ready after 90 s; last lines of its log:\n{}",
+                        self.log_tail("apiserver.log")
                     );
                 }
                 _ => {}
             }
-            for c in &mut self.children {
+            for (c, log) in self.children.iter_mut().zip(["etcd.log", "apiserver.log"]) {
                 if let Some(status) = c.try_wait()? {
+                    // The directory goes with the control plane: the cause goes in the error.
                     bail!(
-                        "a control-plane process exited early ({status}); logs in {}",
-                        self.dir.display()
+                        "{} exited early ({status}); last lines of its log:\n{}",
+                        log.trim_end_matches(".log"),
+                        self.log_tail(log)
                     );
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The last 20 lines of one of the control plane's logs.
+    fn log_tail(&self, log: &str) -> String {
+        let text = fs::read_to_string(self.dir.join(log)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     /// A kubeconfig for `token`, written under the control plane's directory.
