@@ -6,6 +6,7 @@ pub mod annotations;
 mod decide;
 pub mod metrics;
 pub mod podcgroup;
+pub mod policy;
 mod reconcile;
 mod uninstall;
 

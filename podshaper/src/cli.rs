@@ -65,6 +65,9 @@ enum Command {
         #[arg(long)]
         ignore_unconfirmed: bool,
     },
+    /// Print the BandwidthPolicy CustomResourceDefinition (YAML) that the chart ships,
+    /// generated from the agent's types: `podshaper crd > deploy/helm/podshaper/templates/crd-bandwidthpolicy.yaml`.
+    Crd,
     /// Set or change the limits of a cgroup v2 directory and everything below it, and the
     /// peer rules it is bound to. Applies live; a direction not given keeps its limit, `none`
     /// removes it.
@@ -397,6 +400,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Demo(args) => crate::demo::run(args)?,
+        Command::Crd => print!("{}", podshaper_agent::policy::crd_yaml()?),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -799,7 +799,25 @@ fn the_plain_manifests_are_the_charts_output_and_the_agent_role_is_least_privile
         ]
     );
     let kinds = |k: &str| rendered.lines().filter(|l| *l == format!("kind: {k}")).count();
-    assert_eq!(kinds("ClusterRole"), 1);
+    // The agent's, and the read-only BandwidthPolicy viewer aggregated into `view`: no role
+    // of the chart aggregates a write verb on policies into the built-in roles.
+    assert_eq!(kinds("ClusterRole"), 2);
+    for doc in rendered.split("\n---\n").filter(|d| d.contains("aggregate-to-")) {
+        assert!(
+            !doc.contains("aggregate-to-edit") && !doc.contains("aggregate-to-admin"),
+            "a chart role aggregates into edit or admin:\n{doc}"
+        );
+        let verbs: Vec<&str> = doc
+            .lines()
+            .filter(|l| l.trim_start().starts_with("verbs:"))
+            .collect();
+        assert_eq!(verbs, ["    verbs: [get, list, watch]"], "{doc}");
+    }
+    assert!(
+        rendered.contains("kind: CustomResourceDefinition")
+            && rendered.contains("helm.sh/resource-policy: keep"),
+        "the chart ships the BandwidthPolicy CRD, kept on uninstall"
+    );
     assert_eq!(kinds("Role"), 0, "the agent needs no namespaced Role");
 }
 
@@ -935,4 +953,112 @@ async fn the_admission_policy_lets_only_allowed_users_set_limits_up_to_the_maxim
         Err(kube::Error::Api(e)) => assert!(e.message.contains("podshaper"), "{e:?}"),
         other => panic!("dev created an annotated Deployment: {other:?}"),
     }
+}
+
+/// The BandwidthPolicy CRD, as the manifests ship it: a good policy is stored and its status
+/// written through the status subresource; the apiserver itself refuses a bad rate, a bad
+/// selector operator, a peer that is both an ipBlock and pods, an except outside its block and
+/// too many rules, each with the schema's message, and stores nothing of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apiserver_refuses_a_bad_bandwidth_policy_at_apply_time() {
+    use kube::api::{Patch, PatchParams, PostParams};
+    use podshaper_agent::policy::{BandwidthPolicy, BandwidthPolicySpec, BandwidthPolicyStatus};
+    let _g = serial();
+    let cluster = cluster().await;
+    let api: Api<BandwidthPolicy> = Api::namespaced(cluster.admin.clone(), NS);
+    let policy = |name: &str, spec: &str| {
+        let spec: BandwidthPolicySpec = serde_yaml_ng::from_str(spec).expect("spec YAML");
+        BandwidthPolicy::new(name, spec)
+    };
+    let good = policy(
+        "batch-to-db",
+        "podSelector: {matchLabels: {app: batch}}\n\
+         egress:\n- rate: 20M\n  peers:\n  - podSelector: {matchLabels: {app: db}}\n  \
+         - ipBlock: {cidr: 198.18.0.0/15, except: [198.18.1.0/24]}\n  - ipBlock: {cidr: '2001:2::/48'}\n\
+         ingress:\n- rate: 1G\n",
+    );
+    // The CRD was just created with the manifests: its API is served within moments.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let created = loop {
+        match api.create(&PostParams::default(), &good).await {
+            Ok(p) => break p,
+            Err(kube::Error::Api(e)) if e.code == 404 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("a good policy was refused: {e}"),
+        }
+    };
+    assert_eq!(created.spec, good.spec, "the apiserver changed the spec");
+    let status = BandwidthPolicyStatus {
+        observed_generation: created.metadata.generation,
+        summary: Some(created.spec.summary()),
+        selected_pods: Some(0),
+        ..BandwidthPolicyStatus::default()
+    };
+    let patched = api
+        .patch_status(
+            "batch-to-db",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": status })),
+        )
+        .await
+        .expect("status subresource");
+    assert_eq!(patched.status, Some(status));
+
+    for (name, spec, message) in [
+        (
+            "bad-rate",
+            "podSelector: {}\negress: [{rate: 10Zbit}]",
+            "rate must be a quantity of bits/s from 1k to 1P",
+        ),
+        (
+            "too-fast",
+            "podSelector: {}\negress: [{rate: 2P}]",
+            "rate must be a quantity of bits/s from 1k to 1P",
+        ),
+        (
+            "bad-operator",
+            "podSelector: {matchExpressions: [{key: app, operator: Is, values: [db]}]}\negress: [{rate: 1M}]",
+            "operator must be In, NotIn, Exists or DoesNotExist",
+        ),
+        (
+            "both",
+            "podSelector: {}\negress: [{rate: 1M, peers: [{podSelector: {}, ipBlock: {cidr: 198.18.0.0/24}}]}]",
+            "a peer is either an ipBlock or pods",
+        ),
+        (
+            "except-outside",
+            "podSelector: {}\negress: [{rate: 1M, peers: [{ipBlock: {cidr: 198.18.0.0/24, except: [198.19.0.0/24]}}]}]",
+            "each except must be a CIDR strictly inside cidr",
+        ),
+        (
+            "not-a-cidr",
+            "podSelector: {}\negress: [{rate: 1M, peers: [{ipBlock: {cidr: 198.18.0.300/24}}]}]",
+            "cidr must be a CIDR",
+        ),
+        (
+            "five-rules",
+            "podSelector: {}\negress: [{rate: 1M}, {rate: 2M}, {rate: 3M}, {rate: 4M}, {rate: 5M}]",
+            "Too many",
+        ),
+    ] {
+        let err = api
+            .create(&PostParams::default(), &policy(name, spec))
+            .await
+            .expect_err(name);
+        let text = err.to_string();
+        assert!(text.contains(message), "{name}: refused, but not with {message:?}: {text}");
+        assert!(api.get_opt(name).await.unwrap().is_none(), "{name} was stored");
+    }
+    // What the schema cannot see, the Rust check does (the controller's Invalid condition).
+    let host_bits = policy(
+        "host-bits",
+        "podSelector: {}\negress: [{rate: 1M, peers: [{ipBlock: {cidr: 198.18.0.1/24}}]}]",
+    );
+    let stored = api
+        .create(&PostParams::default(), &host_bits)
+        .await
+        .expect("stored");
+    let why = stored.spec.check().expect_err("host bits");
+    assert!(why[0].contains("host bits set"), "{why:?}");
 }
