@@ -183,10 +183,8 @@ impl State {
     /// Sets a peer rule, or changes it in place.
     #[instrument(skip_all, fields(rule = %rule.name))]
     pub fn set_rule(&mut self, rule: &PeerRule) -> Result<(), Error> {
-        rule.validate()?;
-        self.datapath_mut()?.set_rule(rule)?;
-        info!(direction = %rule.direction, rate = %rule.rate, shared = rule.shared, blocks = rule.peers.len(), "rule set");
-        Ok(())
+        // The datapath checks the rule before it writes anything, and logs it.
+        Ok(self.datapath_mut()?.set_rule(rule)?)
     }
 
     /// Removes a peer rule from the node and every cgroup bound to it. Removing a rule that

@@ -227,7 +227,7 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 	struct ps_stats *st = bpf_get_local_storage(&ps_stats, 0);
 	int verdict = PS_PASS, policed = 0;
 	struct ps_pkt p;
-	__u64 pk, now;
+	__u64 pk, now, rate;
 	__u32 rules;
 
 	// Loopback (127.0.0.0/8, ::1, the pod's own addresses) stays free and uncounted.
@@ -235,8 +235,9 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 		return PS_PASS;
 	ps_parse(skb, &p, dir);
 
+	rate = ps_rate(cg, dir);
 	rules = READ_ONCE(cg->peers.rule[dir][0]);
-	if (!ps_rate(cg, dir) && !rules)
+	if (!rate && !rules)
 		goto count;
 
 	pk = p.wire | (dir == PS_INGRESS ? PS_PK_INGRESS : 0) |
@@ -282,7 +283,8 @@ static __always_inline int ps_handle(struct __sk_buff *skb, const int dir)
 				goto judged;
 		}
 	}
-	{
+	// A cgroup with rules and no limit of its own that way has nothing more to run.
+	if (rate) {
 		int r = ps_police(skb, 0, 0, pk | PS_PK_OWN, now);
 
 		policed |= r;

@@ -104,6 +104,13 @@ pub struct ClassKey {
     pub pad: u32,
 }
 
+impl ClassKey {
+    /// The class of rule `rule` owned by cgroup `owner` (0: the node's, for a shared rule).
+    pub fn new(owner: u64, rule: u32) -> Self {
+        Self { owner, rule, pad: 0 }
+    }
+}
+
 /// `struct ps_rule`: value of `ps_rules`, the daemon's record of a rule.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

@@ -106,6 +106,11 @@ pub(crate) fn peer_key(rule: u32, net: &IpNet) -> PeerKey {
     }
 }
 
+/// A rule as a cgroup's value names it: its id, with the shared bit for a shared rule's class.
+fn bound_id(id: u32, shared: bool) -> u32 {
+    id | if shared { RULE_SHARED } else { 0 }
+}
+
 fn map_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Map { what, source }
 }
@@ -224,15 +229,7 @@ impl Datapath {
         self.rules.0.insert(rule.name.clone(), held);
 
         if rule.shared {
-            self.put_class(
-                ClassKey {
-                    owner: 0,
-                    rule: id,
-                    pad: 0,
-                },
-                dir,
-                rule.rate.bps(),
-            )?;
+            self.put_class(ClassKey::new(0, id), dir, rule.rate.bps())?;
         }
         for key in self
             .class_keys()?
@@ -251,19 +248,22 @@ impl Datapath {
                     .iter_mut()
                     .filter(|r| **r & abi::RULE_ID_MAX == id)
                 {
-                    *r = id | if rule.shared { RULE_SHARED } else { 0 };
+                    *r = bound_id(id, rule.shared);
                 }
                 self.rebind(cg, peers)?;
             }
             if old.shared {
-                self.delete_class(ClassKey {
-                    owner: 0,
-                    rule: id,
-                    pad: 0,
-                })?;
+                self.delete_class(ClassKey::new(0, id))?;
             }
         }
-        info!(id, prefixes = self.rules.0[&rule.name].entries.len(), "rule set");
+        info!(
+            id,
+            direction = %rule.direction,
+            rate = %rule.rate,
+            shared = rule.shared,
+            prefixes = self.rules.0[&rule.name].entries.len(),
+            "rule set"
+        );
         Ok(())
     }
 
@@ -314,7 +314,7 @@ impl Datapath {
                 .0
                 .get(name)
                 .ok_or_else(|| Error::UnknownRule(name.clone()))?;
-            lists[held.dir].push(held.id | if held.shared { RULE_SHARED } else { 0 });
+            lists[held.dir].push(bound_id(held.id, held.shared));
         }
         let mut peers = Peers::default();
         for (dir, list) in lists.iter().enumerate() {
@@ -342,12 +342,8 @@ impl Datapath {
                 shared: h.shared,
                 prefixes: h.entries.len(),
                 shared_bps: h.shared.then(|| {
-                    self.read_class(ClassKey {
-                        owner: 0,
-                        rule: h.id,
-                        pad: 0,
-                    })
-                    .map_or(0, |c| c.dir[h.dir].measured * 8)
+                    self.read_class(ClassKey::new(0, h.id))
+                        .map_or(0, |c| c.dir[h.dir].measured * 8)
                 }),
             })
             .collect()
@@ -363,11 +359,7 @@ impl Datapath {
                     continue;
                 };
                 let owner = if r & RULE_SHARED != 0 { 0 } else { peers.owner };
-                let class = self.read_class(ClassKey {
-                    owner,
-                    rule: id,
-                    pad: 0,
-                });
+                let class = self.read_class(ClassKey::new(owner, id));
                 out.push(ClassState {
                     rule: name.clone(),
                     direction: direction(dir),
@@ -400,15 +392,7 @@ impl Datapath {
         }
         for (dir, id) in missing {
             let rate = self.rules.by_id(id).map_or(0, |(_, h)| h.rate);
-            self.put_class(
-                ClassKey {
-                    owner: new.owner,
-                    rule: id,
-                    pad: 0,
-                },
-                dir,
-                rate,
-            )?;
+            self.put_class(ClassKey::new(new.owner, id), dir, rate)?;
         }
         Ok(())
     }
@@ -417,11 +401,7 @@ impl Datapath {
     pub(crate) fn drop_classes(&mut self, owner: u64, old: &Peers, new: &Peers) -> Result<(), Error> {
         for (dir, id) in own_rules(old) {
             if !own_rules(new).any(|(d, i)| d == dir && i == id) {
-                self.delete_class(ClassKey {
-                    owner,
-                    rule: id,
-                    pad: 0,
-                })?;
+                self.delete_class(ClassKey::new(owner, id))?;
             }
         }
         Ok(())

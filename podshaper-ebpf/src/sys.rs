@@ -95,10 +95,12 @@ fn elem_op<K: Copy>(
     Ok(())
 }
 
+/// Reads the value of `key` into `out`.
 pub(crate) fn lookup(fd: BorrowedFd<'_>, key: u64, out: &mut [u8], flags: u64) -> io::Result<()> {
     elem_op(BPF_MAP_LOOKUP_ELEM, fd, &key, out.as_mut_ptr(), flags)
 }
 
+/// Writes `value` at `key`.
 pub(crate) fn update(fd: BorrowedFd<'_>, key: u64, value: &[u8], flags: u64) -> io::Result<()> {
     elem_op(BPF_MAP_UPDATE_ELEM, fd, &key, value.as_ptr() as *mut u8, flags)
 }
@@ -164,6 +166,7 @@ pub(crate) fn keys_as<K: Copy + Default>(fd: BorrowedFd<'_>) -> io::Result<Vec<K
     }
 }
 
+/// Views a plain-old-data value as bytes.
 pub(crate) fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: T is a #[repr(C)] POD of integers (only the abi types are passed here).
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
