@@ -17,13 +17,32 @@ pub const REPORT_MISSING_AFTER: u32 = 5;
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
+/// What the agent wants in force for one pod: the limits of its annotations and the peer
+/// rules of the BandwidthPolicies that select it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Wanted {
+    pub limits: Limits,
+    /// The rules to bind, sorted. None: leave the bindings in force as they are (the policies
+    /// are not listed yet after a start, or more rules select the pod than it holds).
+    pub rules: Option<Vec<String>>,
+}
+
+impl Wanted {
+    /// Nothing to put in force: no limit, and no rule to bind (or none known yet).
+    pub fn is_none(&self) -> bool {
+        self.limits.is_none() && self.rules.as_ref().is_none_or(Vec::is_empty)
+    }
+}
+
 /// What the agent knows of one pod when it looks at it.
 #[derive(Debug)]
 pub struct Known<'a> {
     /// Its annotations, parsed and cut to the agent's maximum, or why they are malformed.
     pub parsed: &'a Result<Parsed, AnnotationError>,
-    /// The cgroup and limits last applied for it, and whether that cgroup still exists.
-    pub applied: Option<(&'a Path, Limits, bool)>,
+    /// The peer rules to bind (see [`Wanted::rules`]).
+    pub rules: Option<&'a [String]>,
+    /// What was last applied, on which cgroup, and whether that cgroup still exists.
+    pub applied: Option<(&'a Path, Wanted, bool)>,
     /// A problem was reported and is not cleared: an unchanged pod is tried again.
     pub had_problem: bool,
     /// The pod finished (Succeeded or Failed): its cgroup is gone for good.
@@ -44,11 +63,11 @@ pub enum Decision {
     Forget,
     /// The cgroup is not there (yet): count a miss and look again later.
     WaitForCgroup,
-    /// Set these limits on this cgroup; `capped` says which directions were cut to the
-    /// maximum.
+    /// Put these limits and rules in force on this cgroup; `capped` says which directions
+    /// were cut to the maximum.
     Apply {
         dir: PathBuf,
-        wanted: Limits,
+        wanted: Wanted,
         capped: Option<String>,
     },
 }
@@ -64,8 +83,11 @@ pub fn decide(known: &Known, find: impl FnOnce() -> Option<PathBuf>) -> Decision
             ))
         }
     };
-    let wanted = parsed.wanted;
-    let Some((dir, applied, exists)) = known.applied else {
+    let wanted = Wanted {
+        limits: parsed.wanted,
+        rules: known.rules.map(<[String]>::to_vec),
+    };
+    let Some((dir, applied, exists)) = &known.applied else {
         if wanted.is_none() {
             return Decision::Nothing { clear_problem: true };
         }
@@ -73,10 +95,10 @@ pub fn decide(known: &Known, find: impl FnOnce() -> Option<PathBuf>) -> Decision
     };
     // Unchanged and still there: nothing to do (status updates of the pod land here, and a
     // terminating pod keeps its limit while its containers run out their grace period).
-    if applied == wanted && exists && !known.had_problem {
+    if *applied == wanted && *exists && !known.had_problem {
         return Decision::Nothing { clear_problem: false };
     }
-    if exists {
+    if *exists {
         return Decision::Apply {
             dir: dir.to_path_buf(),
             wanted,
@@ -88,7 +110,7 @@ pub fn decide(known: &Known, find: impl FnOnce() -> Option<PathBuf>) -> Decision
 
 fn look_up(
     known: &Known,
-    wanted: Limits,
+    wanted: Wanted,
     parsed: &Parsed,
     find: impl FnOnce() -> Option<PathBuf>,
 ) -> Decision {
@@ -115,12 +137,20 @@ pub struct Report {
     pub note: String,
 }
 
+/// What the datapath has in force for a cgroup: its limits and the rules it is bound to,
+/// sorted (none of either when it is not limited).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InForce {
+    pub limits: Limits,
+    pub rules: Vec<String>,
+}
+
 /// The Events a successful apply calls for, and the cap warning to remember: a new or
-/// changed cut to the maximum is told once; a change of the limits in force (`before` to
-/// `wanted`) is told, a re-apply of the same limits (after a restart, a retry) is not.
+/// changed cut to the maximum is told once; a change of the limits or rules in force
+/// (`before` to `wanted`) is told, a re-apply of the same (after a restart, a retry) is not.
 pub fn after_apply(
-    wanted: Limits,
-    before: Limits,
+    wanted: &Wanted,
+    before: &InForce,
     capped: Option<String>,
     capped_before: Option<&str>,
 ) -> (Vec<Report>, Option<String>) {
@@ -132,24 +162,40 @@ pub fn after_apply(
             note: note.to_string(),
         });
     }
-    if before != wanted {
+    if before.limits != wanted.limits {
         reports.push(Report {
             warning: false,
-            reason: if wanted.is_none() {
+            reason: if wanted.limits.is_none() {
                 "BandwidthUnlimited"
             } else {
                 "BandwidthLimited"
             },
-            note: wanted.to_string(),
+            note: wanted.limits.to_string(),
         });
+    }
+    match &wanted.rules {
+        Some(rules) if *rules != before.rules && rules.is_empty() => reports.push(Report {
+            warning: false,
+            reason: "PeerRulesLifted",
+            note: "no BandwidthPolicy rule applies to this pod any more".into(),
+        }),
+        Some(rules) if *rules != before.rules => reports.push(Report {
+            warning: false,
+            reason: "PeerRulesBound",
+            note: format!("BandwidthPolicy rules in force: {}", rules.join(", ")),
+        }),
+        _ => {}
     }
     (reports, capped)
 }
 
-/// Whether the limits in force (none if the cgroup is not limited) drifted from those the
-/// agent applied: a `podshaper reset` or `unlimit` on the node. The annotations win.
-pub fn drifted(applied: Limits, in_force: Option<Limits>) -> bool {
-    in_force.unwrap_or_default() != applied
+/// Whether what is in force (nothing if the cgroup is not limited) drifted from what the
+/// agent applied: a `podshaper reset`, `unlimit` or `limit --rules` on the node. The
+/// annotations and policies win.
+pub fn drifted(applied: &Wanted, in_force: Option<&InForce>) -> bool {
+    let none = InForce::default();
+    let in_force = in_force.unwrap_or(&none);
+    in_force.limits != applied.limits || applied.rules.as_ref().is_some_and(|r| *r != in_force.rules)
 }
 
 /// When to look at a pod again after `misses` failed cgroup lookups or `failures` failed
@@ -187,6 +233,14 @@ mod tests {
         }
     }
 
+    /// Limits and no rule, with the policies listed.
+    fn only(limits: Limits) -> Wanted {
+        Wanted {
+            limits,
+            rules: Some(Vec::new()),
+        }
+    }
+
     /// Runs `decide`, counting the lookups.
     fn run(known: &Known, found: Option<&str>) -> (Decision, u32) {
         let calls = Cell::new(0);
@@ -203,7 +257,8 @@ mod tests {
     ) -> Known<'a> {
         Known {
             parsed,
-            applied,
+            rules: Some(&[]),
+            applied: applied.map(|(d, l, e)| (d, only(l), e)),
             had_problem: false,
             finished: false,
         }
@@ -219,7 +274,7 @@ mod tests {
             d,
             Decision::Apply {
                 dir: "/cg/pod".into(),
-                wanted: egress("10M"),
+                wanted: only(egress("10M")),
                 capped: None
             }
         );
@@ -247,7 +302,7 @@ mod tests {
             panic!("{d:?}")
         };
         assert_eq!(dir, Path::new("/cg/pod"));
-        assert_eq!(wanted.ingress, Some(rate("30M")));
+        assert_eq!(wanted.limits.ingress, Some(rate("30M")));
     }
 
     #[test]
@@ -259,7 +314,7 @@ mod tests {
             d,
             Decision::Apply {
                 dir: "/cg/pod".into(),
-                wanted: Limits::default(),
+                wanted: only(Limits::default()),
                 capped: None
             }
         );
@@ -322,40 +377,150 @@ mod tests {
         let Decision::Apply { wanted, capped, .. } = d else {
             panic!("{d:?}")
         };
-        assert_eq!(wanted, egress("1G"));
+        assert_eq!(wanted, only(egress("1G")));
         let capped = capped.expect("a cap note");
         assert!(capped.contains("2G") && capped.contains("1G"), "{capped}");
 
-        let (reports, kept) = after_apply(wanted, Limits::default(), Some(capped.clone()), None);
+        let (reports, kept) = after_apply(&wanted, &InForce::default(), Some(capped.clone()), None);
         let reasons: Vec<_> = reports.iter().map(|r| (r.warning, r.reason)).collect();
         assert_eq!(reasons, [(true, "BandwidthCapped"), (false, "BandwidthLimited")]);
         // The same cut again (a re-apply, a status update): no second warning.
-        let (reports, _) = after_apply(wanted, wanted, Some(capped), kept.as_deref());
+        let was = in_force(wanted.limits, &[]);
+        let (reports, _) = after_apply(&wanted, &was, Some(capped), kept.as_deref());
         assert!(reports.is_empty(), "{reports:?}");
         // Back under the maximum: the cap is forgotten, the change told.
-        let (reports, kept) = after_apply(egress("500M"), wanted, None, kept.as_deref());
+        let (reports, kept) = after_apply(&only(egress("500M")), &was, None, kept.as_deref());
         assert_eq!(kept, None);
         assert_eq!(reports.len(), 1);
         assert_eq!(reports[0].note, "egress limited to 500M, ingress unlimited");
+    }
+
+    fn in_force(limits: Limits, rules: &[&str]) -> InForce {
+        InForce {
+            limits,
+            rules: rules.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    fn with_rules(limits: Limits, rules: &[&str]) -> Wanted {
+        Wanted {
+            limits,
+            rules: Some(rules.iter().map(|r| r.to_string()).collect()),
+        }
     }
 
     #[test]
     fn only_a_change_in_force_is_told() {
         let w = egress("10M");
         assert!(
-            after_apply(w, w, None, None).0.is_empty(),
+            after_apply(&only(w), &in_force(w, &[]), None, None).0.is_empty(),
             "adopted after a restart"
         );
-        let (r, _) = after_apply(Limits::default(), w, None, None);
+        let (r, _) = after_apply(&only(Limits::default()), &in_force(w, &[]), None, None);
         assert_eq!(r[0].reason, "BandwidthUnlimited");
+        // Rules bound, changed, lifted; kept as they are (None): not a change.
+        let (r, _) = after_apply(&with_rules(w, &["bwp:a"]), &in_force(w, &[]), None, None);
+        assert_eq!((r.len(), r[0].reason), (1, "PeerRulesBound"));
+        assert!(r[0].note.contains("bwp:a"), "{}", r[0].note);
+        let (r, _) = after_apply(&with_rules(w, &[]), &in_force(w, &["bwp:a"]), None, None);
+        assert_eq!(r[0].reason, "PeerRulesLifted");
+        let keep = Wanted {
+            limits: w,
+            rules: None,
+        };
+        assert!(after_apply(&keep, &in_force(w, &["bwp:a"]), None, None)
+            .0
+            .is_empty());
     }
 
     #[test]
-    fn drift_is_a_limit_in_force_that_differs_from_the_applied_one() {
+    fn drift_is_a_limit_or_binding_in_force_that_differs_from_the_applied_one() {
         let w = egress("10M");
-        assert!(!drifted(w, Some(w)));
-        assert!(drifted(w, None), "reset or unlimited on the node");
-        assert!(drifted(w, Some(egress("20M"))));
+        assert!(!drifted(&only(w), Some(&in_force(w, &[]))));
+        assert!(drifted(&only(w), None), "reset or unlimited on the node");
+        assert!(drifted(&only(w), Some(&in_force(egress("20M"), &[]))));
+        let bound = with_rules(Limits::default(), &["bwp:a"]);
+        assert!(!drifted(&bound, Some(&in_force(Limits::default(), &["bwp:a"]))));
+        assert!(
+            drifted(&bound, Some(&in_force(Limits::default(), &[]))),
+            "unbound by hand"
+        );
+        assert!(drifted(&bound, None), "a reset");
+        // Bindings left as they are (policies not listed yet): only the limits count.
+        let keep = Wanted {
+            limits: w,
+            rules: None,
+        };
+        assert!(!drifted(&keep, Some(&in_force(w, &["bwp:x"]))));
+    }
+
+    #[test]
+    fn a_pod_wanted_only_for_rules_is_looked_up_and_bound() {
+        let p = parsed(&[], None);
+        let rules = ["bwp:shop/batch:egress0".to_string()];
+        let k = Known {
+            rules: Some(&rules),
+            ..known(&p, None)
+        };
+        let (d, lookups) = run(&k, Some("/cg/pod"));
+        assert_eq!(lookups, 1);
+        assert_eq!(
+            d,
+            Decision::Apply {
+                dir: "/cg/pod".into(),
+                wanted: with_rules(Limits::default(), &["bwp:shop/batch:egress0"]),
+                capped: None
+            }
+        );
+        // Bound and unchanged: nothing. Its policy went: the binding is lifted.
+        let bound = Known {
+            rules: Some(&rules),
+            applied: Some((
+                Path::new("/cg/pod"),
+                with_rules(Limits::default(), &["bwp:shop/batch:egress0"]),
+                true,
+            )),
+            ..known(&p, None)
+        };
+        assert_eq!(run(&bound, None).0, Decision::Nothing { clear_problem: false });
+        let lifted = Known {
+            rules: Some(&[]),
+            ..bound
+        };
+        let (d, _) = run(&lifted, None);
+        assert_eq!(
+            d,
+            Decision::Apply {
+                dir: "/cg/pod".into(),
+                wanted: only(Limits::default()),
+                capped: None
+            }
+        );
+    }
+
+    #[test]
+    fn before_the_policies_are_listed_bindings_are_left_as_they_are() {
+        // A restarted agent: nothing known applied, policies not listed. An unannotated pod
+        // is not even looked up; an annotated one gets its limits and keeps its bindings.
+        let none = parsed(&[], None);
+        let k = Known {
+            rules: None,
+            ..known(&none, None)
+        };
+        assert_eq!(
+            run(&k, Some("/cg/pod")),
+            (Decision::Nothing { clear_problem: true }, 0)
+        );
+        let p = parsed(&[(EGRESS, "10M")], None);
+        let k = Known {
+            rules: None,
+            ..known(&p, None)
+        };
+        let Decision::Apply { wanted, .. } = run(&k, Some("/cg/pod")).0 else {
+            panic!()
+        };
+        assert_eq!(wanted.rules, None);
+        assert_eq!(wanted.limits, egress("10M"));
     }
 
     #[test]

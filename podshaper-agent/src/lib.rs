@@ -1,8 +1,9 @@
 //! The podshaper Kubernetes agent: the thesis's second client. It watches the pods of its
-//! node and limits each one as its `kubernetes.io/{egress,ingress}-bandwidth` annotations say,
-//! live. It runs the daemon in the same process (one container, one set of privileges, no
+//! node and limits each one as its `kubernetes.io/{egress,ingress}-bandwidth` annotations and
+//! the BandwidthPolicies that select it say, live. It runs the daemon in the same process (one container, one set of privileges, no
 //! socket hop) and still serves the daemon's socket, so `podshaper status` works on the node.
 pub mod annotations;
+pub mod bindings;
 mod decide;
 pub mod metrics;
 pub mod podcgroup;
@@ -76,7 +77,14 @@ pub async fn run(opts: Options) -> Result<()> {
     // Only this node's pods: the apiserver filters, so the agent's memory does not grow with
     // the cluster.
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name));
-    let mut pods = std::pin::pin!(watcher(Api::<Pod>::all(client), config).default_backoff());
+    let mut pods = std::pin::pin!(watcher(Api::<Pod>::all(client.clone()), config).default_backoff());
+    // Every policy of the cluster: few and small next to pods; the agent keeps the rules of
+    // those that select a pod of its node.
+    let mut policies = std::pin::pin!(watcher(
+        Api::<policy::BandwidthPolicy>::all(client),
+        watcher::Config::default()
+    )
+    .default_backoff());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let shutdown = podshaper_daemon::shutdown_signal()?;
     tokio::pin!(shutdown);
@@ -88,6 +96,15 @@ pub async fn run(opts: Options) -> Result<()> {
                 Some(Ok(event)) => reconciler.on_event(event),
                 // The watcher retries with backoff; limits stay as they are meanwhile.
                 Some(Err(e)) => warn!(error = %e, "pod watch"),
+                None => break,
+            },
+            event = policies.next() => match event {
+                Some(Ok(event)) => reconciler.on_policy_event(event),
+                Some(Err(watcher::Error::InitialListFailed(kube::Error::Api(s)))) if s.code == 404 => {
+                    reconciler.no_policy_api()
+                }
+                // Bindings stay as they are meanwhile (fail-static).
+                Some(Err(e)) => warn!(error = %e, "BandwidthPolicy watch"),
                 None => break,
             },
             // The agent owns the daemon's periodic work too: one tick for both.

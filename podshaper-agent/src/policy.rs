@@ -240,6 +240,8 @@ pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct CheckedRule {
     pub direction: Direction,
+    /// Its place in the policy's list for that direction.
+    pub index: usize,
     pub rate: Rate,
     /// No peers: all traffic that way.
     pub all: bool,
@@ -268,7 +270,7 @@ impl BandwidthPolicySpec {
             }
             for (i, rule) in list.iter().enumerate() {
                 let at = format!("{dir}[{i}]");
-                match check_rule(direction, rule, &at) {
+                match check_rule(direction, i, rule, &at) {
                     Ok(r) => rules.push(r),
                     Err(mut w) => why.append(&mut w),
                 }
@@ -311,7 +313,12 @@ fn direction_name(d: Direction) -> &'static str {
     }
 }
 
-fn check_rule(direction: Direction, rule: &BandwidthRule, at: &str) -> Result<CheckedRule, Vec<String>> {
+fn check_rule(
+    direction: Direction,
+    index: usize,
+    rule: &BandwidthRule,
+    at: &str,
+) -> Result<CheckedRule, Vec<String>> {
     let mut why = Vec::new();
     let rate = Rate::parse_quantity(&rule.rate).map_err(|e| why.push(format!("{at}.rate: {e}")));
     if rule.peers.len() > MAX_PEERS {
@@ -350,6 +357,7 @@ fn check_rule(direction: Direction, rule: &BandwidthRule, at: &str) -> Result<Ch
     match rate {
         Ok(rate) if why.is_empty() => Ok(CheckedRule {
             direction,
+            index,
             rate,
             all: rule.peers.is_empty(),
             blocks,

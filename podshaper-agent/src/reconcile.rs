@@ -1,9 +1,10 @@
-//! The agent's core: from the pods of this node (as the watch reports them) to limits in the
-//! datapath. One pod at a time, never touching a pod whose annotations did not change or are
-//! malformed; every outcome a user should see becomes an Event on the pod. Synchronous: the
-//! datapath is in-process and answers in microseconds; Events go out in tasks of their own.
+//! The agent's core: from the pods of this node and the BandwidthPolicies (as the watches
+//! report them) to limits and peer rules in the datapath. One pod at a time, never touching a
+//! pod whose annotations and policies did not change or are malformed; every outcome a user
+//! should see becomes an Event on the pod. Synchronous: the datapath is in-process and answers
+//! in microseconds; Events go out in tasks of their own.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
@@ -20,16 +21,18 @@ use kube::{
 };
 use podshaper_api::{
     proto::{CgroupStatus, Change},
-    Limits, Rate,
+    PeerRule, Rate,
 };
 use podshaper_daemon::State;
 use tracing::{debug, info, warn};
 
 use crate::{
     annotations,
-    decide::{self, Decision, Known, REPORT_MISSING_AFTER},
+    bindings::{self, Notes, PodRules, Policies, RULE_PREFIX},
+    decide::{self, Decision, InForce, Known, Wanted, REPORT_MISSING_AFTER},
     metrics::{Metrics, PodLabels, PodSample},
     podcgroup::{self, Driver, Qos},
+    policy::BandwidthPolicy,
 };
 
 /// What the agent needs to know of a pod.
@@ -40,7 +43,8 @@ struct PodView {
     uid: String,
     qos: Option<Qos>,
     phase: String,
-    annotations: std::collections::BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    labels: BTreeMap<String, String>,
     reference: ObjectReference,
 }
 
@@ -56,11 +60,12 @@ impl PodView {
                 .and_then(|s| s.phase.clone())
                 .unwrap_or_else(|| "Pending".into()),
             annotations: pod.annotations().clone(),
+            labels: pod.labels().clone(),
             reference: pod.object_ref(&()),
         })
     }
 
-    fn labels(&self) -> PodLabels {
+    fn metric_labels(&self) -> PodLabels {
         PodLabels {
             namespace: self.namespace.clone(),
             pod: self.name.clone(),
@@ -76,17 +81,26 @@ impl PodView {
 #[derive(Debug)]
 struct Tracked {
     pod: PodView,
-    /// The cgroup and limits last applied (or found applied) for this pod.
-    applied: Option<(PathBuf, Limits)>,
+    /// The cgroup, limits and rules last applied (or found applied) for this pod.
+    applied: Option<(PathBuf, Wanted)>,
     /// The last problem reported in an Event, so a pod is not told the same thing twice.
     reported: Option<String>,
     /// The last "cut to the maximum" warning, kept apart: the limit is in force all the same.
     capped: Option<String>,
+    /// The last "too many policy rules" warning, kept apart too: the limits apply all the same.
+    conflict: Option<String>,
     /// Cgroup lookups that failed in a row, and when to try again.
     missing: u32,
     /// Failed applies in a row (the datapath refused), for the retry backoff.
     failures: u32,
     retry_at: Option<Instant>,
+}
+
+impl Tracked {
+    /// The pod finished (Succeeded or Failed): its cgroup is gone for good.
+    fn finished(&self) -> bool {
+        matches!(self.pod.phase.as_str(), "Succeeded" | "Failed")
+    }
 }
 
 /// Settings of the reconciler.
@@ -109,6 +123,19 @@ pub struct Reconciler {
     pods: HashMap<String, Tracked>,
     /// UIDs listed since the watch (re)started, to drop pods deleted while it was down.
     listing: Option<HashSet<String>>,
+    pods_listed: bool,
+    /// The BandwidthPolicies of the cluster, as last listed and watched.
+    policies: Policies,
+    /// Policies listed since their watch (re)started: they replace `policies` whole once the
+    /// list is done, so a relist never leaves a moment with fewer policies than there are.
+    policy_listing: Option<Policies>,
+    /// Whether the policies were listed once: until then bindings in force are left alone
+    /// (a restarted agent must not lift a rule it has not read yet).
+    policies_listed: bool,
+    /// What was said of each policy (namespace/name), so each thing is said once.
+    policy_notes: HashMap<(String, String), Notes>,
+    /// The agent's rules (named [`RULE_PREFIX`]…) as this process last set them on the node.
+    rules_set: BTreeMap<String, PeerRule>,
     uninstalled: bool,
     ticks: u64,
 }
@@ -134,6 +161,12 @@ impl Reconciler {
             settings,
             pods: HashMap::new(),
             listing: None,
+            pods_listed: false,
+            policies: Policies::default(),
+            policy_listing: None,
+            policies_listed: false,
+            policy_notes: HashMap::new(),
+            rules_set: BTreeMap::new(),
             uninstalled: false,
             ticks: 0,
         }
@@ -174,9 +207,8 @@ impl Reconciler {
                         self.forget(&uid);
                     }
                 }
-                self.remove_stale();
-                self.refresh_metrics();
-                self.metrics.set_ready();
+                self.pods_listed = true;
+                self.listed();
             }
             // The pod object is gone. Its limit stays until its cgroup goes too (the daemon
             // collects state of removed cgroups): containers may still be stopping.
@@ -188,10 +220,159 @@ impl Reconciler {
         }
     }
 
+    /// Handles one event of the BandwidthPolicy watch.
+    pub fn on_policy_event(&mut self, event: watcher::Event<BandwidthPolicy>) {
+        match event {
+            watcher::Event::Init => self.policy_listing = Some(Policies::default()),
+            watcher::Event::InitApply(p) => {
+                if let Some(listing) = self.policy_listing.as_mut() {
+                    let notes = listing.apply(&p);
+                    self.tell(&p, notes);
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(listed) = self.policy_listing.take() {
+                    self.policies = listed;
+                }
+                let policies = &self.policies;
+                self.policy_notes
+                    .retain(|(ns, name), _| policies.contains(ns, name));
+                self.policies_listed = true;
+                info!(policies = self.policies.len(), "BandwidthPolicies listed");
+                self.listed();
+            }
+            watcher::Event::Apply(p) => {
+                let notes = self.policies.apply(&p);
+                self.tell(&p, notes);
+                self.sync_rules();
+            }
+            watcher::Event::Delete(p) => {
+                self.policies.delete(&p);
+                if let Some(ns) = p.namespace() {
+                    self.policy_notes.remove(&(ns, p.name_any()));
+                }
+                self.sync_rules();
+            }
+        }
+    }
+
+    /// The BandwidthPolicy API is not served (the CRD is not installed): there are no
+    /// policies, so none binds anything. The watch keeps trying, and lists them once it is.
+    pub fn no_policy_api(&mut self) {
+        if self.policies_listed {
+            return;
+        }
+        warn!("the BandwidthPolicy API is not served (CRD not installed?): no policy applies until it is");
+        self.policies = Policies::default();
+        self.policies_listed = true;
+        self.listed();
+    }
+
+    /// Once both pods and policies are listed: what no agent saw happen is put right (stale
+    /// limits, bindings and rules), and the agent is ready.
+    fn listed(&mut self) {
+        if !(self.pods_listed && self.policies_listed) {
+            return;
+        }
+        self.sync_rules();
+        self.remove_stale();
+        self.refresh_metrics();
+        self.metrics.set_ready();
+    }
+
+    /// Logs what compiling a policy found, once per distinct finding.
+    fn tell(&mut self, policy: &BandwidthPolicy, notes: Notes) {
+        let Some(ns) = policy.namespace() else { return };
+        let key = (ns, policy.name_any());
+        if self.policy_notes.get(&key) == Some(&notes) {
+            return;
+        }
+        let name = format!("{}/{}", key.0, key.1);
+        if !notes.invalid.is_empty() {
+            warn!(policy = %name, why = ?notes.invalid, "invalid BandwidthPolicy: it changes nothing");
+        }
+        if !notes.unresolved.is_empty() {
+            warn!(policy = %name, rules = ?notes.unresolved, "BandwidthPolicy rules not applied");
+        }
+        self.policy_notes.insert(key, notes);
+    }
+
+    /// Puts the node's rules in line with the policies and this node's pods: sets the rules
+    /// some pod here needs (new or changed ones first), binds every pod as its policies say,
+    /// then removes the agent's rules no pod needs any more.
+    fn sync_rules(&mut self) {
+        if self.uninstalled || !(self.pods_listed && self.policies_listed) {
+            return;
+        }
+        let wanted = self.wanted_rules();
+        let rules: Vec<PeerRule> = wanted.values().cloned().collect();
+        self.ensure_rules(&rules);
+        let uids: Vec<String> = self.pods.keys().cloned().collect();
+        for uid in uids {
+            self.reconcile(&uid);
+        }
+        self.remove_unwanted_rules(&wanted);
+    }
+
+    /// The rules the pods of this node are to be bound to, by name.
+    fn wanted_rules(&self) -> BTreeMap<String, PeerRule> {
+        let mut wanted = BTreeMap::new();
+        for t in self.pods.values().filter(|t| !t.finished()) {
+            if let PodRules::Bound(rules) = self.policies.rules_for(&t.pod.namespace, &t.pod.labels) {
+                for r in rules {
+                    wanted.insert(r.name.clone(), r.clone());
+                }
+            }
+        }
+        wanted
+    }
+
+    /// Sets each of `rules` that this process has not set as it is now. A rule that cannot
+    /// be set is logged; the pods bound to it fail their apply and say why.
+    fn ensure_rules(&mut self, rules: &[PeerRule]) {
+        for rule in rules {
+            if self.rules_set.get(&rule.name) == Some(rule) {
+                continue;
+            }
+            let set = self.daemon().set_rule(rule);
+            match set {
+                Ok(()) => {
+                    info!(rule = %rule.name, rate = %rule.rate, direction = %rule.direction, "peer rule set");
+                    self.rules_set.insert(rule.name.clone(), rule.clone());
+                }
+                Err(e) => warn!(rule = %rule.name, error = %e, "set peer rule"),
+            }
+        }
+    }
+
+    /// Removes the agent's rules on the node that are not in `wanted` (those of deleted
+    /// policies, or of policies that select no pod here any more), also ones set before a
+    /// restart. Rules set by hand (without the prefix) stay.
+    fn remove_unwanted_rules(&mut self, wanted: &BTreeMap<String, PeerRule>) {
+        let on_node = self.daemon().rules();
+        let on_node = match on_node {
+            Ok(rules) => rules,
+            Err(e) => return warn!(error = %e, "list peer rules"),
+        };
+        for r in on_node {
+            if !r.name.starts_with(RULE_PREFIX) || wanted.contains_key(&r.name) {
+                continue;
+            }
+            let removed = self.daemon().remove_rule(&r.name);
+            match removed {
+                Ok(()) => {
+                    info!(rule = %r.name, "peer rule removed: no pod here needs it");
+                    self.rules_set.remove(&r.name);
+                }
+                Err(e) => warn!(rule = %r.name, error = %e, "remove peer rule"),
+            }
+        }
+    }
+
     fn forget(&mut self, uid: &str) {
         if let Some(t) = self.pods.remove(uid) {
             debug!(pod = %t.pod.key(), "pod object gone");
-            self.metrics.forget(&t.pod.labels());
+            self.metrics.forget(&t.pod.metric_labels());
         }
     }
 
@@ -217,6 +398,7 @@ impl Reconciler {
             applied: None,
             reported: None,
             capped: None,
+            conflict: None,
             missing: 0,
             failures: 0,
             retry_at: None,
@@ -243,6 +425,7 @@ impl Reconciler {
                     t.applied = None;
                     t.retry_at = None;
                 }
+                self.rules_set.clear();
                 self.refresh_metrics();
                 self.publish(
                     own,
@@ -297,8 +480,8 @@ impl Reconciler {
         });
     }
 
-    /// Brings one pod's limits in line with its annotations: gathers what is known, lets
-    /// `decide` choose, and carries it out.
+    /// Brings one pod's limits and bindings in line with its annotations and policies:
+    /// gathers what is known, lets `decide` choose, and carries it out.
     fn reconcile(&mut self, uid: &str) {
         if self.uninstalled {
             return;
@@ -306,16 +489,34 @@ impl Reconciler {
         let Some(t) = self.pods.get(uid) else { return };
         let pod = t.pod.clone();
         let parsed = annotations::parse(Some(&pod.annotations), self.settings.max_rate);
+        // The rules to bind: none known before the policies are listed; with too many, the
+        // bindings in force stay and the pod is told.
+        let (rules, conflict): (Option<Vec<PeerRule>>, Option<String>) = if self.policies_listed {
+            match self.policies.rules_for(&pod.namespace, &pod.labels) {
+                PodRules::Bound(rules) => (Some(rules.into_iter().cloned().collect()), None),
+                PodRules::TooMany(why) => (None, Some(why)),
+            }
+        } else {
+            (None, None)
+        };
+        let names = rules
+            .as_ref()
+            .map(|r| bindings::names(&r.iter().collect::<Vec<_>>()));
         let decision = {
             let known = Known {
                 parsed: &parsed,
-                applied: t.applied.as_ref().map(|(d, w)| (d.as_path(), *w, d.is_dir())),
+                rules: names.as_deref(),
+                applied: t
+                    .applied
+                    .as_ref()
+                    .map(|(d, w)| (d.as_path(), w.clone(), d.is_dir())),
                 had_problem: t.reported.is_some(),
-                finished: matches!(pod.phase.as_str(), "Succeeded" | "Failed"),
+                finished: t.finished(),
             };
             let (root, driver) = (&self.cgroup_root, self.settings.driver);
             decide::decide(&known, || podcgroup::find(root, &pod.uid, pod.qos, driver))
         };
+        self.tell_conflict(uid, &pod, conflict);
         match decision {
             Decision::Nothing { clear_problem } => {
                 if clear_problem {
@@ -326,7 +527,7 @@ impl Reconciler {
                 if self.report(uid, &pod.reference, "InvalidBandwidth", &note) {
                     self.metrics
                         .invalid_annotations
-                        .get_or_create(&pod.labels())
+                        .get_or_create(&pod.metric_labels())
                         .inc();
                 }
             }
@@ -337,33 +538,58 @@ impl Reconciler {
                 }
             }
             Decision::WaitForCgroup => self.cgroup_missing(uid),
-            Decision::Apply { dir, wanted, capped } => self.apply(uid, &pod, dir, wanted, capped),
+            Decision::Apply { dir, wanted, capped } => {
+                // A rule exists on the node before a cgroup is bound to it.
+                self.ensure_rules(rules.as_deref().unwrap_or_default());
+                self.apply(uid, &pod, dir, wanted, capped)
+            }
         }
     }
 
-    fn apply(&mut self, uid: &str, pod: &PodView, dir: PathBuf, wanted: Limits, capped: Option<String>) {
-        let before = self.limits_in_force(&dir);
+    /// Tells a pod, once, that more policy rules select it than it holds, and that this is
+    /// over once it is.
+    fn tell_conflict(&mut self, uid: &str, pod: &PodView, conflict: Option<String>) {
+        let Some(t) = self.pods.get_mut(uid) else { return };
+        if t.conflict == conflict {
+            return;
+        }
+        t.conflict = conflict.clone();
+        match conflict {
+            Some(note) => {
+                warn!(pod = %pod.key(), note, "BandwidthPolicy conflict");
+                self.publish(
+                    &pod.reference,
+                    EventType::Warning,
+                    "BandwidthPolicyConflict",
+                    &note,
+                );
+            }
+            None => info!(pod = %pod.key(), "BandwidthPolicy conflict over"),
+        }
+    }
+
+    fn apply(&mut self, uid: &str, pod: &PodView, dir: PathBuf, wanted: Wanted, capped: Option<String>) {
+        let before = self.in_force(&dir);
         let change = |r: Option<Rate>| r.map(Change::Set).unwrap_or(Change::Unlimited);
         let result = self.daemon().limit(
             &dir,
-            change(wanted.egress),
-            change(wanted.ingress),
+            change(wanted.limits.egress),
+            change(wanted.limits.ingress),
             Some(pod.key()),
-            // Peer rules come from BandwidthPolicy, not annotations: leave them as they are.
-            None,
+            wanted.rules.clone(),
         );
         match result {
             Ok(_) => {
                 let Some(t) = self.pods.get_mut(uid) else { return };
-                t.applied = (!wanted.is_none()).then(|| (dir.clone(), wanted));
+                t.applied = (!wanted.is_none()).then(|| (dir.clone(), wanted.clone()));
                 t.missing = 0;
                 t.failures = 0;
                 t.retry_at = None;
                 t.reported = None;
-                let (reports, capped) = decide::after_apply(wanted, before, capped, t.capped.as_deref());
+                let (reports, capped) = decide::after_apply(&wanted, &before, capped, t.capped.as_deref());
                 t.capped = capped;
-                if before != wanted {
-                    info!(pod = %pod.key(), cgroup = %dir.display(), %wanted, "limits applied");
+                if !reports.is_empty() {
+                    info!(pod = %pod.key(), cgroup = %dir.display(), limits = %wanted.limits, rules = ?wanted.rules, "applied");
                 }
                 for r in reports {
                     let type_ = if r.warning {
@@ -383,26 +609,37 @@ impl Reconciler {
                 }
                 self.cgroup_missing(uid);
             }
-            // Anything else (EPERM, a full map, a kernel refusing the programs) needs a fix
-            // on the node: say so, and retry with backoff.
+            // Anything else (EPERM, a full map, a kernel refusing the programs, a rule that
+            // could not be set) needs a fix on the node: say so, and retry with backoff.
             Err(e) => {
-                self.metrics.apply_errors.get_or_create(&pod.labels()).inc();
+                self.metrics
+                    .apply_errors
+                    .get_or_create(&pod.metric_labels())
+                    .inc();
                 if let Some(t) = self.pods.get_mut(uid) {
                     t.failures += 1;
                 }
                 self.schedule_retry(uid);
-                let note = format!("applying {wanted} to {} failed: {e}", dir.display());
+                let rules = match &wanted.rules {
+                    Some(r) if !r.is_empty() => format!(" with rules {}", r.join(", ")),
+                    _ => String::new(),
+                };
+                let note = format!(
+                    "applying {}{rules} to {} failed: {e}",
+                    wanted.limits,
+                    dir.display()
+                );
                 self.report(uid, &pod.reference, "LimitFailed", &note);
             }
         }
     }
 
-    /// The limits the datapath has for `dir` now (none if it is not limited).
-    fn limits_in_force(&self, dir: &std::path::Path) -> Limits {
+    /// What the datapath has in force for `dir` now (nothing if it is not limited).
+    fn in_force(&self, dir: &std::path::Path) -> InForce {
         let status = self.daemon().status(Some(dir));
         status
             .ok()
-            .and_then(|cgroups| cgroups.first().map(CgroupStatus::limits))
+            .and_then(|cgroups| cgroups.first().map(in_force_of))
             .unwrap_or_default()
     }
 
@@ -410,7 +647,10 @@ impl Reconciler {
         let Some(t) = self.pods.get_mut(uid) else { return };
         t.missing += 1;
         let (missing, pod) = (t.missing, t.pod.clone());
-        self.metrics.cgroup_not_found.get_or_create(&pod.labels()).inc();
+        self.metrics
+            .cgroup_not_found
+            .get_or_create(&pod.metric_labels())
+            .inc();
         self.schedule_retry(uid);
         debug!(pod = %pod.key(), missing, "cgroup not found yet");
         if missing >= REPORT_MISSING_AFTER {
@@ -451,20 +691,29 @@ impl Reconciler {
         }
     }
 
-    /// Removes limits of pod cgroups whose pod is not on this node any more, or no longer asks
-    /// for one (deleted or unannotated while no agent ran). Cgroups that are not pods'
-    /// (limited with the CLI) are left alone.
+    /// Removes limits and bindings of pod cgroups whose pod is not on this node any more, or
+    /// no longer asks for any (deleted, unannotated or unselected while no agent ran). Cgroups
+    /// that are not pods' (limited with the CLI) are left alone. Only once pods and policies
+    /// are both listed.
     fn remove_stale(&mut self) {
+        if !(self.pods_listed && self.policies_listed) {
+            return;
+        }
         let known: HashSet<&str> = self.pods.keys().map(String::as_str).collect();
         let Ok(cgroups) = self.daemon().status(None) else {
             return;
         };
-        // Pods that ask for no limit (their annotations went while no agent ran).
+        // Pods that ask for nothing: no annotation and no policy rule (their annotations went,
+        // or their policies, while no agent ran).
         let unannotated: HashSet<&str> = self
             .pods
             .iter()
             .filter(|(_, t)| {
                 annotations::parse(Some(&t.pod.annotations), None).is_ok_and(|p| p.wanted.is_none())
+                    && matches!(
+                        self.policies.rules_for(&t.pod.namespace, &t.pod.labels),
+                        PodRules::Bound(r) if r.is_empty()
+                    )
             })
             .map(|(u, _)| u.as_str())
             .collect();
@@ -478,7 +727,7 @@ impl Reconciler {
             let unlimited = self.daemon().unlimit(&c.cgroup);
             match unlimited {
                 Ok(()) => {
-                    info!(cgroup = %c.cgroup.display(), uid, "removed the limit of a pod that is gone or asks for none")
+                    info!(cgroup = %c.cgroup.display(), uid, "removed the limits of a pod that is gone or asks for none")
                 }
                 Err(e) => warn!(cgroup = %c.cgroup.display(), error = %e, "remove stale limit"),
             }
@@ -497,13 +746,14 @@ impl Reconciler {
             .filter(|(_, t)| t.retry_at.is_some_and(|at| at <= now))
             .map(|(u, _)| u.clone())
             .collect();
-        // Every 10 s, also pods whose limits in force differ from what was applied (a
-        // `podshaper reset` or `unlimit` on the node): the annotations win. One status of the
-        // whole node, matched by cgroup id (the directory's inode), not a request per pod.
+        // Every 10 s, also pods whose limits or bindings in force differ from what was applied
+        // (a `podshaper reset`, `unlimit` or `rule remove` on the node): annotations and
+        // policies win. One status of the whole node, matched by cgroup id (the directory's
+        // inode), not a request per pod.
         if self.ticks.is_multiple_of(10) {
             let status = self.daemon().status(None);
-            let in_force: HashMap<u64, Limits> = match status {
-                Ok(cgroups) => cgroups.iter().map(|c| (c.id, c.limits())).collect(),
+            let in_force: HashMap<u64, InForce> = match status {
+                Ok(cgroups) => cgroups.iter().map(|c| (c.id, in_force_of(c))).collect(),
                 Err(e) => {
                     warn!(error = %e, "read the limits in force");
                     HashMap::new()
@@ -515,7 +765,7 @@ impl Reconciler {
                 .filter(|(_, t)| {
                     t.applied.as_ref().is_some_and(|(dir, w)| {
                         let id = std::fs::metadata(dir).map(|m| m.ino()).ok();
-                        decide::drifted(*w, id.and_then(|id| in_force.get(&id)).copied())
+                        decide::drifted(w, id.and_then(|id| in_force.get(&id)))
                     })
                 })
                 .map(|(u, _)| u.clone())
@@ -526,12 +776,23 @@ impl Reconciler {
                 }
                 due.push(uid);
             }
+            // A rule removed by hand is set again before its pods are bound again.
+            let rules = self.daemon().rules();
+            if let Ok(rules) = rules {
+                let on_node: HashSet<String> = rules.into_iter().map(|r| r.name).collect();
+                self.rules_set.retain(|name, _| on_node.contains(name));
+            }
         }
         for uid in due {
             if let Some(t) = self.pods.get_mut(&uid) {
                 t.retry_at = None;
             }
             self.reconcile(&uid);
+        }
+        // Rules no pod here needs since a pod's labels changed or it went.
+        if self.ticks.is_multiple_of(10) && self.pods_listed && self.policies_listed && !self.uninstalled {
+            let wanted = self.wanted_rules();
+            self.remove_unwanted_rules(&wanted);
         }
         self.refresh_metrics();
     }
@@ -559,4 +820,13 @@ fn sample(status: CgroupStatus) -> Option<PodSample> {
         pod,
         status,
     })
+}
+
+fn in_force_of(status: &CgroupStatus) -> InForce {
+    let mut rules: Vec<String> = status.peers.iter().map(|p| p.rule.clone()).collect();
+    rules.sort();
+    InForce {
+        limits: status.limits(),
+        rules,
+    }
 }

@@ -290,6 +290,40 @@ pub fn run_clients(
     })
 }
 
+/// TCP flows at once (cubic, `secs` long), each from its cgroup in `clients` to its address,
+/// against its own one-off server in `servers` (in `server_cgroup`) on ports from the default
+/// up; `reverse`: the clients receive. Their reports, in order.
+pub fn tcp_flows_at_once(
+    clients: &Netns,
+    servers: &Netns,
+    server_cgroup: Option<&Cgroup>,
+    flows: &[(Option<&Cgroup>, std::net::IpAddr)],
+    reverse: bool,
+    secs: u32,
+) -> Result<Vec<IperfReport>, Error> {
+    let mut running = Vec::new();
+    let mut opts = Vec::new();
+    for (i, (cgroup, to)) in flows.iter().enumerate() {
+        let port = u16::try_from(i).map_or(u16::MAX, |i| DEFAULT_PORT.saturating_add(i));
+        let server = ServerOptions {
+            port,
+            ..ServerOptions::default()
+        };
+        running.push(IperfServer::start(servers, server_cgroup, &server)?);
+        let client = ClientOptions {
+            traffic: Traffic::Tcp {
+                congestion: Some("cubic".into()),
+            },
+            port,
+            secs,
+            reverse,
+            ..ClientOptions::new(*to)
+        };
+        opts.push((*cgroup, client));
+    }
+    run_clients(clients, &opts)
+}
+
 fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String> {
     thread::spawn(move || {
         let mut s = String::new();

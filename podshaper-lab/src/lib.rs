@@ -18,7 +18,8 @@ use std::{
 
 pub use cgroup::Cgroup;
 pub use iperf::{
-    run_client, run_clients, ClientOptions, IperfReport, IperfServer, ServerOptions, Traffic, L3,
+    run_client, run_clients, tcp_flows_at_once, ClientOptions, IperfReport, IperfServer, ServerOptions,
+    Traffic, L3,
 };
 pub use netns::{command_in, spawn_in, Netns, NetnsPair};
 pub use table::Table;

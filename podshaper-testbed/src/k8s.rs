@@ -27,7 +27,7 @@ use kube::{
 };
 
 use podshaper_api::{
-    proto::{CgroupStatus, Request, Response},
+    proto::{CgroupStatus, Request, Response, RuleStatus},
     Limits,
 };
 
@@ -541,7 +541,23 @@ impl Kubelet {
         name: &str,
         annotations: &[(&str, Option<&str>)],
     ) -> Result<()> {
-        let map: serde_json::Map<String, serde_json::Value> = annotations
+        self.patch_metadata(namespace, name, "annotations", annotations)
+            .await
+    }
+
+    /// Sets (`Some`) or removes (`None`) labels of a pod, as `kubectl label` does.
+    pub async fn label(&self, namespace: &str, name: &str, labels: &[(&str, Option<&str>)]) -> Result<()> {
+        self.patch_metadata(namespace, name, "labels", labels).await
+    }
+
+    async fn patch_metadata(
+        &self,
+        namespace: &str,
+        name: &str,
+        field: &str,
+        pairs: &[(&str, Option<&str>)],
+    ) -> Result<()> {
+        let map: serde_json::Map<String, serde_json::Value> = pairs
             .iter()
             .map(|(k, v)| {
                 (
@@ -550,7 +566,7 @@ impl Kubelet {
                 )
             })
             .collect();
-        let patch = serde_json::json!({"metadata": {"annotations": map}});
+        let patch = serde_json::json!({"metadata": {field: map}});
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
@@ -719,17 +735,56 @@ impl AgentProcess {
 
     /// `podshaper status`, through the agent's socket.
     pub fn status(&self) -> Result<Vec<CgroupStatus>> {
+        match self.ask(&Request::Status { cgroup: None })? {
+            Response::Status { cgroups, .. } => Ok(cgroups),
+            other => bail!("status: {other:?}"),
+        }
+    }
+
+    /// One request to the agent's socket, and its answer.
+    fn ask(&self, request: &Request) -> Result<Response> {
         // Plain blocking I/O: callers may be inside an async test's runtime.
         let mut stream = std::os::unix::net::UnixStream::connect(&self.socket)?;
-        let mut line = serde_json::to_string(&Request::Status { cgroup: None })?;
+        let mut line = serde_json::to_string(request)?;
         line.push('\n');
         stream.write_all(line.as_bytes())?;
         let mut answer = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut answer)?;
-        match serde_json::from_str(&answer)? {
-            Response::Status { cgroups, .. } => Ok(cgroups),
-            other => bail!("status: {other:?}"),
+        Ok(serde_json::from_str(&answer)?)
+    }
+
+    /// The peer rules on the node (`podshaper rule list`), through the agent's socket.
+    pub fn rules(&self) -> Result<Vec<RuleStatus>> {
+        match self.ask(&Request::Rules)? {
+            Response::Rules { rules } => Ok(rules),
+            other => bail!("rules: {other:?}"),
         }
+    }
+
+    /// The peer rules pod `namespace/name` is bound to, sorted; empty if it is not limited.
+    pub fn pod_rules(&self, namespace: &str, name: &str) -> Result<Vec<String>> {
+        let key = format!("{namespace}/{name}");
+        let mut rules: Vec<String> = self
+            .status()?
+            .into_iter()
+            .filter(|c| c.name.as_deref() == Some(key.as_str()))
+            .flat_map(|c| c.peers.into_iter().map(|p| p.rule))
+            .collect();
+        rules.sort();
+        Ok(rules)
+    }
+
+    /// Waits until pod `namespace/name` is bound to exactly `want`; how long that took.
+    pub fn wait_pod_rules(
+        &self,
+        namespace: &str,
+        name: &str,
+        want: &[&str],
+        within: Duration,
+    ) -> Result<Duration> {
+        wait_for(&format!("{namespace}/{name}: rules"), want, within, || {
+            self.pod_rules(namespace, name)
+        })
     }
 
     /// The limits in force for pod `namespace/name`; `None` if it is not limited.
@@ -750,17 +805,9 @@ impl AgentProcess {
         want: Option<Limits>,
         within: Duration,
     ) -> Result<Duration> {
-        let start = Instant::now();
-        loop {
-            let got = self.limits(namespace, name)?;
-            if got == want {
-                return Ok(start.elapsed());
-            }
-            if start.elapsed() > within {
-                bail!("{namespace}/{name}: limits {got:?}, want {want:?} within {within:?}");
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_for(&format!("{namespace}/{name}: limits"), &want, within, || {
+            self.limits(namespace, name)
+        })
     }
 
     /// Whether /readyz answers 200.
@@ -867,5 +914,24 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// Polls `get` until it returns `want`; how long that took, or an error saying what it was.
+fn wait_for<T, W>(what: &str, want: &W, within: Duration, get: impl Fn() -> Result<T>) -> Result<Duration>
+where
+    T: PartialEq<W> + std::fmt::Debug,
+    W: std::fmt::Debug + ?Sized,
+{
+    let start = Instant::now();
+    loop {
+        let got = get()?;
+        if got == *want {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > within {
+            bail!("{what} {got:?}, want {want:?} within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }

@@ -16,7 +16,7 @@ pub mod tbf;
 pub use datapath::TempDatapath;
 pub use podshaper_lab::{
     cgroup, command_in, io_err, iperf, netns, root_or_skip, run, run_client, run_clients, run_with_input,
-    spawn_in, table, unique_name, Cgroup, ClientOptions, Error, IperfReport, IperfServer, Netns, NetnsPair,
-    ServerOptions, Table, Traffic, L3,
+    spawn_in, table, tcp_flows_at_once, unique_name, Cgroup, ClientOptions, Error, IperfReport, IperfServer,
+    Netns, NetnsPair, ServerOptions, Table, Traffic, L3,
 };
 pub use tbf::Tbf;

@@ -45,8 +45,8 @@ enum Command {
     },
     /// Run the Kubernetes node agent (root; what the DaemonSet runs): the daemon plus a watch
     /// of this node's pods that limits each one as its kubernetes.io/egress-bandwidth and
-    /// kubernetes.io/ingress-bandwidth annotations say, live. Uses the in-cluster config or
-    /// KUBECONFIG.
+    /// kubernetes.io/ingress-bandwidth annotations and the BandwidthPolicies selecting it say,
+    /// live. Uses the in-cluster config or KUBECONFIG.
     Agent(AgentArgs),
     /// Ask every agent of a Helm release to lift all limits on its node and wait for them to
     /// confirm (the chart's pre-delete hook runs this on `helm uninstall`).
@@ -197,7 +197,8 @@ struct AgentArgs {
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, env = "PODSHAPER_METRICS_ADDR", default_value = "0.0.0.0:9810")]
     metrics_addr: std::net::SocketAddr,
-    /// The highest limit an annotation may set; higher ones are cut to it, with an Event.
+    /// The highest limit an annotation may set; higher ones are cut to it, with an Event
+    /// (BandwidthPolicy rates are not cut: only whoever may write policies sets them).
     #[arg(long, env = "PODSHAPER_MAX_RATE", value_parser = Rate::parse_quantity)]
     max_rate: Option<Rate>,
     /// The kubelet's cgroup driver: auto, systemd or cgroupfs.

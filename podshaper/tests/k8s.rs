@@ -380,32 +380,7 @@ async fn the_limit_never_lapses_while_the_agent_restarts() {
         .unwrap();
     wait_limits(&agent, "steady", lim(Some(20 * M), None), Duration::from_secs(5));
 
-    let _server = IperfServer::start(pair.b(), None, &ServerOptions::default()).unwrap();
-    let opts = ClientOptions {
-        secs: 8,
-        interval: 0.5,
-        ..ClientOptions::new(IpAddr::V4(NetnsPair::B_V4))
-    };
-    let report = thread::scope(|s| {
-        let traffic = s.spawn(|| run_client(pair.a(), Some(&pod.cgroup), &opts).unwrap());
-        thread::sleep(Duration::from_secs(2));
-        agent.kill();
-        thread::sleep(Duration::from_secs(2));
-        agent.restart().unwrap();
-        traffic.join().unwrap()
-    });
-    // Every half second, with the agent up, down and back: never above the limit.
-    let worst = L3::TCP_V4.l3_bps(report.worst_interval_bps(1.0).unwrap());
-    assert!(
-        worst < 1.3 * 20.0 * M as f64,
-        "a 0.5 s window reached {worst:.0} bit/s; intervals (Mbit/s): {:?}",
-        report
-            .intervals
-            .iter()
-            .map(|i| (i.end * 10.0).round() / 10.0)
-            .zip(report.intervals.iter().map(|i| (i.bits_per_second / 1e6).round()))
-            .collect::<Vec<_>>()
-    );
+    let report = through_a_restart(&pair, &pod, &mut agent, IpAddr::V4(NetnsPair::B_V4), 20 * M);
     assert_near(
         "through the restart",
         L3::TCP_V4.l3_bps(report.mean_after_bps(1.0).unwrap()),
@@ -448,6 +423,44 @@ async fn the_limit_never_lapses_while_the_agent_restarts() {
         agent.status()
     );
     drop(pod);
+}
+
+/// 8 s of TCP from `pod` to `to`, with the agent killed after 2 s and started again 2 s
+/// later; asserts that no half second of it, with the agent up, down and back, went above
+/// `limit`. The report.
+fn through_a_restart(
+    pair: &NetnsPair,
+    pod: &RunningPod,
+    agent: &mut AgentProcess,
+    to: IpAddr,
+    limit: u64,
+) -> podshaper_testbed::IperfReport {
+    let _server = IperfServer::start(pair.b(), None, &ServerOptions::default()).unwrap();
+    let opts = ClientOptions {
+        secs: 8,
+        interval: 0.5,
+        ..ClientOptions::new(to)
+    };
+    let report = thread::scope(|s| {
+        let traffic = s.spawn(|| run_client(pair.a(), Some(&pod.cgroup), &opts).unwrap());
+        thread::sleep(Duration::from_secs(2));
+        agent.kill();
+        thread::sleep(Duration::from_secs(2));
+        agent.restart().unwrap();
+        traffic.join().unwrap()
+    });
+    let worst = L3::TCP_V4.l3_bps(report.worst_interval_bps(1.0).unwrap());
+    assert!(
+        worst < 1.3 * limit as f64,
+        "a 0.5 s window reached {worst:.0} bit/s; intervals (Mbit/s): {:?}",
+        report
+            .intervals
+            .iter()
+            .map(|i| (i.end * 10.0).round() / 10.0)
+            .zip(report.intervals.iter().map(|i| (i.bits_per_second / 1e6).round()))
+            .collect::<Vec<_>>()
+    );
+    report
 }
 
 /// L3 mean of the TCP report's intervals within from..to seconds.
@@ -776,7 +789,7 @@ fn the_plain_manifests_are_the_charts_output_and_the_agent_role_is_least_privile
         body == rendered,
         "deploy/manifests/podshaper.yaml is stale: regenerate it with the command in its header"
     );
-    // Exactly: read pods, write events. Nothing else, anywhere.
+    // Exactly: read pods and BandwidthPolicies, write events. Nothing else, anywhere.
     let role = rendered
         .split("\n---\n")
         .find(|d| d.contains("kind: ClusterRole\n"))
@@ -792,6 +805,9 @@ fn the_plain_manifests_are_the_charts_output_and_the_agent_role_is_least_privile
             "rules:",
             "  - apiGroups: [\"\"]",
             "    resources: [pods]",
+            "    verbs: [get, list, watch]",
+            "  - apiGroups: [podshaper.io]",
+            "    resources: [bandwidthpolicies]",
             "    verbs: [get, list, watch]",
             "  - apiGroups: [events.k8s.io]",
             "    resources: [events]",
@@ -977,17 +993,7 @@ async fn the_apiserver_refuses_a_bad_bandwidth_policy_at_apply_time() {
          - ipBlock: {cidr: 198.18.0.0/15, except: [198.18.1.0/24]}\n  - ipBlock: {cidr: '2001:2::/48'}\n\
          ingress:\n- rate: 1G\n",
     );
-    // The CRD was just created with the manifests: its API is served within moments.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let created = loop {
-        match api.create(&PostParams::default(), &good).await {
-            Ok(p) => break p,
-            Err(kube::Error::Api(e)) if e.code == 404 && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            Err(e) => panic!("a good policy was refused: {e}"),
-        }
-    };
+    let created = create_policy(&cluster, &good).await;
     assert_eq!(created.spec, good.spec, "the apiserver changed the spec");
     let status = BandwidthPolicyStatus {
         observed_generation: created.metadata.generation,
@@ -1061,4 +1067,251 @@ async fn the_apiserver_refuses_a_bad_bandwidth_policy_at_apply_time() {
         .expect("stored");
     let why = stored.spec.check().expect_err("host bits");
     assert!(why[0].contains("host bits set"), "{why:?}");
+}
+
+/// Creates a BandwidthPolicy in NS as the admin. The CRD was just created with the manifests:
+/// its API is served within moments.
+async fn create_policy(
+    cluster: &Cluster,
+    policy: &podshaper_agent::policy::BandwidthPolicy,
+) -> podshaper_agent::policy::BandwidthPolicy {
+    let api: Api<podshaper_agent::policy::BandwidthPolicy> = Api::namespaced(cluster.admin.clone(), NS);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match api.create(&kube::api::PostParams::default(), policy).await {
+            Ok(p) => return p,
+            Err(kube::Error::Api(e)) if e.code == 404 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("a good policy was refused: {e}"),
+        }
+    }
+}
+
+/// A BandwidthPolicy named `name` from its spec in YAML.
+fn bwp(name: &str, spec: &str) -> podshaper_agent::policy::BandwidthPolicy {
+    let spec = serde_yaml_ng::from_str(spec).expect("spec YAML");
+    podshaper_agent::policy::BandwidthPolicy::new(name, spec)
+}
+
+async fn delete_policy(cluster: &Cluster, name: &str) {
+    let api: Api<podshaper_agent::policy::BandwidthPolicy> = Api::namespaced(cluster.admin.clone(), NS);
+    api.delete(name, &kube::api::DeleteParams::default())
+        .await
+        .expect("delete policy");
+}
+
+/// The agent's rules on the node (those of policies), by name.
+fn policy_rules(agent: &AgentProcess) -> Vec<String> {
+    let mut names: Vec<String> = agent
+        .rules()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .filter(|n| n.starts_with("bwp:"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// TCP flows at once from `pod` (namespace A) to each address in B; their L3 rates after
+/// the first second.
+fn flows_from(pair: &NetnsPair, pods: &[(&RunningPod, IpAddr)], reverse: bool, secs: u32) -> Vec<f64> {
+    let flows: Vec<_> = pods.iter().map(|(p, to)| (Some(&p.cgroup), *to)).collect();
+    podshaper_testbed::tcp_flows_at_once(pair.a(), pair.b(), None, &flows, reverse, secs)
+        .expect("iperf3 flows")
+        .iter()
+        .map(|r| L3::TCP_V4.l3_bps(r.mean_after_bps(1.0).expect("intervals")))
+        .collect()
+}
+
+/// A BandwidthPolicy through the agent, end to end with real traffic: an ipBlock rule (with an
+/// except) caps the selected pod's traffic to those peers while its traffic to the except runs
+/// free at the same time; a peer-less ingress rule caps all it receives; a pod the policy does
+/// not select, and an invalid policy, change nothing; a label change moves the pod out of the
+/// policy and back in, live; the binding holds through an agent restart; deleting the policy
+/// lifts everything it set and leaves no rule, binding or link behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bandwidth_policy_caps_ip_block_peers_live_and_its_deletion_lifts_everything() {
+    let Some(_g) = privileged() else { return };
+    let cluster = cluster().await;
+    let kubelet = kubelet(&cluster, CgroupDriver::Systemd, "");
+    let mut agent = agent(&cluster, None);
+    let pair = NetnsPair::new().unwrap();
+    pair.add_second_b().unwrap();
+    let (b, b2) = (IpAddr::V4(NetnsPair::B_V4), IpAddr::V4(NetnsPair::B2_V4));
+    let pod = kubelet
+        .run_pod_labeled(NS, "batch", &[("app", "batch")])
+        .await
+        .unwrap();
+    let _web = kubelet
+        .run_pod_labeled(NS, "web", &[("app", "web")])
+        .await
+        .unwrap();
+    create_policy(
+        &cluster,
+        &bwp(
+            "batch-cap",
+            "podSelector: {matchLabels: {app: batch}}\n\
+             egress:\n- rate: 20M\n  peers:\n  - ipBlock: {cidr: 198.18.0.0/24, except: [198.18.0.2/32]}\n\
+             ingress:\n- rate: 30M\n",
+        ),
+    )
+    .await;
+    let bound = ["bwp:shop/batch-cap:egress0", "bwp:shop/batch-cap:ingress0"];
+    let took = agent
+        .wait_pod_rules(NS, "batch", &bound, Duration::from_secs(5))
+        .unwrap();
+    eprintln!("policy enforced {took:?} after its creation returned");
+    assert_eq!(agent.pod_rules(NS, "web").unwrap(), Vec::<String>::new());
+    assert_eq!(policy_rules(&agent), bound);
+    let note = cluster
+        .wait_event(NS, "batch", "PeerRulesBound", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(note.contains(bound[0]), "{note}");
+
+    // At once: to .3 (in the block) capped, to .2 (its except) free.
+    let rates = flows_from(&pair, &[(&pod, b2), (&pod, b)], false, 4);
+    eprintln!(
+        "egress to the ipBlock {:.3} of 20M, to the except {:.0} Mbit/s at the same time",
+        rates[0] / (20 * M) as f64,
+        rates[1] / 1e6
+    );
+    assert_near("egress to the policy's ipBlock", rates[0], 20 * M);
+    assert!(
+        rates[1] > 3.0 * 20.0 * M as f64,
+        "the flow to the except ran at {:.1} Mbit/s",
+        rates[1] / 1e6
+    );
+    // No peers: all it receives.
+    let ingress = pod_rate(&pair, &pod, 4, true);
+    eprintln!("ingress, no peers: {:.3} of 30M", ingress / (30 * M) as f64);
+    assert_near("ingress, all peers", ingress, 30 * M);
+
+    // An invalid policy selecting the same pod (host bits: the schema lets them through)
+    // binds nothing and changes nothing.
+    create_policy(
+        &cluster,
+        &bwp(
+            "bad",
+            "podSelector: {}\negress: [{rate: 1M, peers: [{ipBlock: {cidr: 198.18.0.1/24}}]}]",
+        ),
+    )
+    .await;
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.pod_rules(NS, "batch").unwrap(), bound);
+    assert_eq!(policy_rules(&agent), bound);
+
+    // Out of the policy by a label change, live, and back in.
+    kubelet
+        .label(NS, "batch", &[("app", Some("other"))])
+        .await
+        .unwrap();
+    let took = agent
+        .wait_pod_rules(NS, "batch", &[], Duration::from_secs(2))
+        .unwrap();
+    eprintln!("label change released the pod after {took:?}");
+    let released = flows_from(&pair, &[(&pod, b2)], false, 3)[0];
+    assert!(
+        released > 3.0 * 20.0 * M as f64,
+        "released, the flow ran at {:.1} Mbit/s",
+        released / 1e6
+    );
+    kubelet
+        .label(NS, "batch", &[("app", Some("batch"))])
+        .await
+        .unwrap();
+    agent
+        .wait_pod_rules(NS, "batch", &bound, Duration::from_secs(2))
+        .unwrap();
+
+    // Fail-static: the cap holds while no agent runs, and the next agent keeps it from its
+    // first moment (it leaves bindings alone until it has listed the policies).
+    through_a_restart(&pair, &pod, &mut agent, b2, 20 * M);
+    assert_eq!(agent.pod_rules(NS, "batch").unwrap(), bound);
+
+    // Deleting the policies lifts everything they set: no binding, no rule, no link.
+    delete_policy(&cluster, "batch-cap").await;
+    delete_policy(&cluster, "bad").await;
+    let took = agent
+        .wait_pod_rules(NS, "batch", &[], Duration::from_secs(2))
+        .unwrap();
+    eprintln!("policy deletion lifted after {took:?}");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let links = podshaper_ebpf::pins::Pins::new(agent.bpffs()).links();
+    while !policy_rules(&agent).is_empty()
+        || !agent.status().unwrap().is_empty()
+        || std::fs::read_dir(&links).unwrap().count() > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: rules {:?}, cgroups {:?}",
+            policy_rules(&agent),
+            agent.status().unwrap()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let note = cluster
+        .wait_event(NS, "batch", "PeerRulesLifted", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(note.contains("no BandwidthPolicy rule"), "{note}");
+}
+
+/// A Shared BandwidthPolicy over two pods of one node: their sum holds the rate (each pod
+/// alone would get it with PerPod), and a pod it does not select is not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_bandwidth_policy_holds_the_sum_of_its_pods_on_a_node() {
+    let Some(_g) = privileged() else { return };
+    let cluster = cluster().await;
+    let kubelet = kubelet(&cluster, CgroupDriver::Systemd, "");
+    let agent = agent(&cluster, None);
+    let pair = NetnsPair::new().unwrap();
+    let b = IpAddr::V4(NetnsPair::B_V4);
+    let one = kubelet
+        .run_pod_labeled(NS, "batch-1", &[("app", "batch")])
+        .await
+        .unwrap();
+    let two = kubelet
+        .run_pod_labeled(NS, "batch-2", &[("app", "batch")])
+        .await
+        .unwrap();
+    create_policy(
+        &cluster,
+        &bwp(
+            "batch-total",
+            "podSelector: {matchLabels: {app: batch}}\nscope: Shared\negress: [{rate: 30M}]\n",
+        ),
+    )
+    .await;
+    let bound = ["bwp:shop/batch-total:egress0"];
+    for pod in ["batch-1", "batch-2"] {
+        agent
+            .wait_pod_rules(NS, pod, &bound, Duration::from_secs(5))
+            .unwrap();
+    }
+    let rules = agent.rules().unwrap();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.name == bound[0] && r.shared && r.cgroups == 2),
+        "{rules:?}"
+    );
+    let rates = flows_from(&pair, &[(&one, b), (&two, b)], false, 5);
+    let sum: f64 = rates.iter().sum();
+    eprintln!(
+        "shared 30M over two pods: {:.1} + {:.1} Mbit/s, sum {:.3} of the rate",
+        rates[0] / 1e6,
+        rates[1] / 1e6,
+        sum / (30 * M) as f64
+    );
+    assert_near("the two pods' sum", sum, 30 * M);
+    for (i, r) in rates.iter().enumerate() {
+        assert!(
+            *r > 0.2 * 30.0 * M as f64,
+            "pod {i} starved: {:.1} Mbit/s",
+            r / 1e6
+        );
+    }
 }

@@ -1353,7 +1353,6 @@ fn the_kernel_has_every_feature_the_datapath_uses() {
 /// A second address of B (and of its IPv6 side): the peer the rules below name, while B's
 /// first address stays a peer that no rule names.
 /// The port of the second iperf3 server, beside the default one.
-const SECOND_PORT: u16 = 5202;
 const B2_V4: std::net::Ipv4Addr = NetnsPair::B2_V4;
 const B2_V6: std::net::Ipv6Addr = NetnsPair::B2_V6;
 
@@ -1385,30 +1384,10 @@ fn two_at_once(
     reverse: bool,
     secs: u32,
 ) -> [IperfReport; 2] {
-    let ports = [podshaper_testbed::ServerOptions::default().port, SECOND_PORT];
-    let _servers: Vec<IperfServer> = ports
-        .iter()
-        .map(|&port| {
-            let opts = ServerOptions {
-                port,
-                ..ServerOptions::default()
-            };
-            IperfServer::start(pair.b(), Some(server), &opts).expect("iperf3 server")
-        })
-        .collect();
-    let clients: Vec<_> = (0..2)
-        .map(|i| {
-            let opts = ClientOptions {
-                traffic: tcp(),
-                port: ports[i],
-                secs,
-                reverse,
-                ..ClientOptions::new(to[i])
-            };
-            (Some(pods[i]), opts)
-        })
-        .collect();
-    let reports = podshaper_testbed::run_clients(pair.a(), &clients).expect("iperf3 clients");
+    let flows = [(Some(pods[0]), to[0]), (Some(pods[1]), to[1])];
+    let reports =
+        podshaper_testbed::tcp_flows_at_once(pair.a(), pair.b(), Some(server), &flows, reverse, secs)
+            .expect("iperf3 flows");
     reports.try_into().expect("two reports")
 }
 
