@@ -3,11 +3,11 @@
 //! policies as the watch reports them and asks for each of its pods; tested here in
 //! milliseconds.
 //!
-//! The agent resolves what it can see without watching other nodes' pods: a rule whose peers
-//! are all ipBlocks, and a rule with no peers (all traffic that way: 0.0.0.0/0 and ::/0). A
-//! rule with podSelector or namespaceSelector peers needs those pods' addresses, which the
-//! controller will resolve (docs/policy.md); until then such a rule is not applied, and the
-//! agent says so once per policy generation.
+//! A rule's peers are its ipBlocks, plus, for podSelector / namespaceSelector peers, the
+//! addresses the controller resolved into the policy's BandwidthPeerSet (the agent watches no
+//! other node's pods). A rule with no peers covers all traffic that way (0.0.0.0/0 and ::/0).
+//! A rule with selector peers whose set has not arrived yet is not applied (none of its peers:
+//! never half a rule), and the agent says so.
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
@@ -17,16 +17,21 @@ use kube::{
 };
 use podshaper_api::{peers::MAX_NAME_LEN, Direction, IpBlock, PeerRule};
 
-use crate::policy::{BandwidthPolicy, Scope, MAX_RULES};
+use crate::policy::{BandwidthPeerSet, BandwidthPeerSetSpec, BandwidthPolicy, Scope, MAX_RULES};
 
 /// The prefix of the names of the rules the agent sets: rules without it (set with `podshaper
 /// rule set` on the node) are never changed or removed by the agent.
 pub const RULE_PREFIX: &str = "bwp:";
 
-/// The policies the agent knows, compiled to node rules.
+/// A policy or peer set, by namespace and name.
+type Key = (String, String);
+
+/// The policies the agent knows and the peer sets it watches, compiled to node rules.
 #[derive(Debug, Default)]
 pub struct Policies {
-    by_key: BTreeMap<(String, String), Compiled>,
+    raw: BTreeMap<Key, BandwidthPolicy>,
+    sets: BTreeMap<Key, BandwidthPeerSetSpec>,
+    by_key: BTreeMap<Key, Compiled>,
 }
 
 #[derive(Debug)]
@@ -34,6 +39,8 @@ struct Compiled {
     /// None: the policy is invalid and binds nothing.
     selector: Option<Selector>,
     rules: Vec<PeerRule>,
+    /// The policy's uid when some rule has selector peers: the peer set to watch.
+    needs_set: Option<String>,
 }
 
 /// What compiling a policy found worth telling: why it binds nothing, or which of its rules
@@ -55,31 +62,110 @@ pub enum PodRules<'a> {
 impl Policies {
     /// Adds or replaces a policy; what the agent should say of it.
     pub fn apply(&mut self, policy: &BandwidthPolicy) -> Notes {
-        let (Some(namespace), name) = (policy.namespace(), policy.name_any()) else {
+        let Some(key) = key_of(policy) else {
             return Notes::default();
         };
-        let (compiled, notes) = compile(&namespace, &name, policy);
-        self.by_key.insert((namespace, name), compiled);
-        notes
+        self.raw.insert(key.clone(), policy.clone());
+        self.compile(&key)
     }
 
     pub fn delete(&mut self, policy: &BandwidthPolicy) {
-        if let Some(namespace) = policy.namespace() {
-            self.by_key.remove(&(namespace, policy.name_any()));
+        if let Some(key) = key_of(policy) {
+            self.raw.remove(&key);
+            self.by_key.remove(&key);
         }
     }
 
-    pub fn contains(&self, namespace: &str, name: &str) -> bool {
+    /// Replaces all policies with a fresh list; what to say of each.
+    pub fn replace(&mut self, policies: Vec<BandwidthPolicy>) -> Vec<(BandwidthPolicy, Notes)> {
+        self.raw = policies
+            .into_iter()
+            .filter_map(|p| Some((key_of(&p)?, p)))
+            .collect();
+        self.by_key.clear();
+        self.compile_all()
+    }
+
+    /// Adds or replaces a peer set; what to say of its policy, if the agent has it.
+    pub fn apply_set(&mut self, set: &BandwidthPeerSet) -> Option<(BandwidthPolicy, Notes)> {
+        let key = (set.namespace()?, set.name_any());
+        self.sets.insert(key.clone(), set.spec.clone());
+        let policy = self.raw.get(&key)?.clone();
+        Some((policy, self.compile(&key)))
+    }
+
+    pub fn delete_set(&mut self, set: &BandwidthPeerSet) -> Option<(BandwidthPolicy, Notes)> {
+        let key = (set.namespace()?, set.name_any());
+        self.sets.remove(&key);
+        let policy = self.raw.get(&key)?.clone();
+        Some((policy, self.compile(&key)))
+    }
+
+    /// Replaces all peer sets with a fresh list; what to say of each policy.
+    pub fn replace_sets(&mut self, sets: Vec<BandwidthPeerSet>) -> Vec<(BandwidthPolicy, Notes)> {
+        self.sets = sets
+            .into_iter()
+            .filter_map(|s| Some(((s.namespace()?, s.name_any()), s.spec)))
+            .collect();
+        self.compile_all()
+    }
+
+    /// The uids of the valid policies with selector peers that select one of `pods`
+    /// (namespace, labels): the peer sets this node needs, and no others.
+    pub fn wanted_sets<'a>(
+        &self,
+        pods: impl Iterator<Item = (&'a str, &'a BTreeMap<String, String>)>,
+    ) -> BTreeSet<String> {
+        let mut wanted = BTreeSet::new();
+        for (namespace, labels) in pods {
+            for c in self.in_namespace(namespace) {
+                if let (Some(uid), Some(sel)) = (&c.needs_set, &c.selector) {
+                    if sel.matches(labels) {
+                        wanted.insert(uid.clone());
+                    }
+                }
+            }
+        }
+        wanted
+    }
+
+    fn in_namespace<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a Compiled> + 'a {
+        let namespace = namespace.to_string();
         self.by_key
-            .contains_key(&(namespace.to_string(), name.to_string()))
+            .range((namespace.clone(), String::new())..)
+            .take_while(move |((ns, _), _)| *ns == namespace)
+            .map(|(_, c)| c)
+    }
+
+    fn compile(&mut self, key: &Key) -> Notes {
+        let Some(policy) = self.raw.get(key) else {
+            return Notes::default();
+        };
+        let (compiled, notes) = compile(&key.0, &key.1, policy, self.sets.get(key));
+        self.by_key.insert(key.clone(), compiled);
+        notes
+    }
+
+    fn compile_all(&mut self) -> Vec<(BandwidthPolicy, Notes)> {
+        let keys: Vec<Key> = self.raw.keys().cloned().collect();
+        keys.iter()
+            .filter_map(|k| {
+                let notes = self.compile(k);
+                Some((self.raw.get(k)?.clone(), notes))
+            })
+            .collect()
+    }
+
+    pub fn contains(&self, namespace: &str, name: &str) -> bool {
+        self.raw.contains_key(&(namespace.to_string(), name.to_string()))
     }
 
     pub fn len(&self) -> usize {
-        self.by_key.len()
+        self.raw.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
+        self.raw.is_empty()
     }
 
     /// The rules of every valid policy of `namespace` whose podSelector matches `labels`,
@@ -87,11 +173,9 @@ impl Policies {
     /// (binding some of them would half apply the policies).
     pub fn rules_for(&self, namespace: &str, labels: &BTreeMap<String, String>) -> PodRules<'_> {
         let mut rules: Vec<&PeerRule> = self
-            .by_key
-            .range((namespace.to_string(), String::new())..)
-            .take_while(|((ns, _), _)| ns == namespace)
-            .filter(|(_, c)| c.selector.as_ref().is_some_and(|s| s.matches(labels)))
-            .flat_map(|(_, c)| &c.rules)
+            .in_namespace(namespace)
+            .filter(|c| c.selector.as_ref().is_some_and(|s| s.matches(labels)))
+            .flat_map(|c| &c.rules)
             .collect();
         rules.sort_by(|a, b| a.name.cmp(&b.name));
         for direction in [Direction::Egress, Direction::Ingress] {
@@ -113,64 +197,94 @@ impl Policies {
     }
 }
 
-fn compile(namespace: &str, name: &str, policy: &BandwidthPolicy) -> (Compiled, Notes) {
+fn key_of(policy: &BandwidthPolicy) -> Option<Key> {
+    Some((policy.namespace()?, policy.name_any()))
+}
+
+fn compile(
+    namespace: &str,
+    name: &str,
+    policy: &BandwidthPolicy,
+    set: Option<&BandwidthPeerSetSpec>,
+) -> (Compiled, Notes) {
     let mut notes = Notes::default();
-    let invalid = |notes: Notes| {
+    let invalid = |why: Vec<String>| {
         let compiled = Compiled {
             selector: None,
             rules: Vec::new(),
+            needs_set: None,
+        };
+        let notes = Notes {
+            invalid: why,
+            unresolved: Vec::new(),
         };
         (compiled, notes)
     };
     let checked = match policy.spec.check() {
         Ok(rules) => rules,
-        Err(why) => {
-            return invalid(Notes {
-                invalid: why,
-                ..notes
-            })
-        }
+        Err(why) => return invalid(why),
     };
     // check() holds the selector to the operators Selector parses.
     let selector = match Selector::try_from(policy.spec.pod_selector.clone()) {
         Ok(s) => s,
-        Err(e) => {
-            return invalid(Notes {
-                invalid: vec![format!("podSelector: {e}")],
-                ..notes
-            })
-        }
+        Err(e) => return invalid(vec![format!("podSelector: {e}")]),
     };
+    let uid = policy.uid();
+    // A set is this policy's only if it names its uid (not one of a deleted namesake).
+    let set = set.filter(|s| uid.as_deref() == Some(s.policy_uid.as_str()));
     let shared = policy.spec.scope == Scope::Shared;
+    let mut needs_set = false;
     let mut rules = Vec::new();
     for rule in checked {
         let at = format!("{}[{}]", rule.direction, rule.index);
+        let mut blocks = rule.blocks;
         if !rule.selector_peers.is_empty() {
-            notes.unresolved.push(format!(
-                "{at}: podSelector/namespaceSelector peers need the podshaper controller, not applied yet"
-            ));
-            continue;
-        }
-        let peers = if rule.all {
-            ["0.0.0.0/0", "::/0"]
+            needs_set = true;
+            let resolved = set.and_then(|s| {
+                let list = match rule.direction {
+                    Direction::Egress => &s.egress,
+                    Direction::Ingress => &s.ingress,
+                };
+                list.get(rule.index)
+            });
+            let Some(resolved) = resolved else {
+                notes.unresolved.push(format!(
+                    "{at}: waiting for the controller to resolve its podSelector/namespaceSelector peers"
+                ));
+                continue;
+            };
+            // The controller writes plain addresses; one that does not parse is skipped (a
+            // newer controller's format), the rest apply.
+            blocks.extend(
+                resolved
+                    .addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+                    .map(|ip| IpBlock::of(IpNet::from(ip))),
+            );
+            if blocks.is_empty() {
+                // No peer at all right now (no pod matches): nothing to cap.
+                continue;
+            }
+        } else if rule.all {
+            blocks = ["0.0.0.0/0", "::/0"]
                 .iter()
                 .filter_map(|c| c.parse::<IpNet>().ok())
                 .map(IpBlock::of)
-                .collect()
-        } else {
-            rule.blocks
-        };
+                .collect();
+        }
         rules.push(PeerRule {
             name: rule_name(namespace, name, rule.direction, rule.index),
             direction: rule.direction,
             rate: rule.rate,
             shared,
-            peers,
+            peers: blocks,
         });
     }
     let compiled = Compiled {
         selector: Some(selector),
         rules,
+        needs_set: uid.filter(|_| needs_set),
     };
     (compiled, notes)
 }
@@ -209,14 +323,8 @@ pub fn names(rules: &[&PeerRule]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::BandwidthPolicySpec;
 
-    fn policy(namespace: &str, name: &str, spec: &str) -> BandwidthPolicy {
-        let spec: BandwidthPolicySpec = serde_yaml_ng::from_str(spec).unwrap();
-        let mut p = BandwidthPolicy::new(name, spec);
-        p.metadata.namespace = Some(namespace.into());
-        p
-    }
+    use crate::policy::test_policy as policy;
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
         kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -280,6 +388,48 @@ mod tests {
         let rules = bound(&p, "shop", &[]);
         assert_eq!(names(&rules), ["bwp:shop/db:egress1"]);
         assert!(rules[0].shared, "scope Shared");
+        // The node needs the set of this policy, for its pods it selects.
+        let labels = labels(&[]);
+        let wanted = p.wanted_sets([("shop", &labels)].into_iter());
+        assert_eq!(wanted.into_iter().collect::<Vec<_>>(), ["uid-db"]);
+        assert!(p.wanted_sets([("other", &labels)].into_iter()).is_empty());
+
+        // A set of a deleted namesake (another uid) is not used.
+        let (_, notes) = p
+            .apply_set(&peer_set("shop", "db", "uid-old", &["198.18.5.5"]))
+            .unwrap();
+        assert_eq!(notes.unresolved.len(), 1);
+        // Its own: the rule applies with those addresses, as host prefixes.
+        let (_, notes) = p
+            .apply_set(&peer_set("shop", "db", "uid-db", &["198.18.5.5", "2001:2::5"]))
+            .unwrap();
+        assert_eq!(notes, Notes::default());
+        let rules = bound(&p, "shop", &[]);
+        assert_eq!(names(&rules), ["bwp:shop/db:egress0", "bwp:shop/db:egress1"]);
+        let peers: Vec<String> = rules[0].peers.iter().map(|b| b.cidr.to_string()).collect();
+        assert_eq!(peers, ["198.18.5.5/32", "2001:2::5/128"]);
+        rules[0].validate().unwrap();
+        // No pod matches its peers right now: nothing to cap, no rule.
+        p.apply_set(&peer_set("shop", "db", "uid-db", &[]));
+        assert_eq!(names(&bound(&p, "shop", &[])), ["bwp:shop/db:egress1"]);
+        // A relist without it: waiting again.
+        let told = p.replace_sets(Vec::new());
+        assert_eq!(told.len(), 1);
+        assert_eq!(told[0].1.unresolved.len(), 1);
+    }
+
+    fn peer_set(ns: &str, name: &str, uid: &str, addresses: &[&str]) -> BandwidthPeerSet {
+        let spec = BandwidthPeerSetSpec {
+            policy_uid: uid.into(),
+            policy_generation: 1,
+            egress: vec![crate::policy::ResolvedPeers {
+                addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            }],
+            ingress: Vec::new(),
+        };
+        let mut set = BandwidthPeerSet::new(name, spec);
+        set.metadata.namespace = Some(ns.into());
+        set
     }
 
     #[test]

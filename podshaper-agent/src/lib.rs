@@ -4,6 +4,7 @@
 //! socket hop) and still serves the daemon's socket, so `podshaper status` works on the node.
 pub mod annotations;
 pub mod bindings;
+pub mod controller;
 mod decide;
 pub mod metrics;
 pub mod podcgroup;
@@ -11,7 +12,7 @@ pub mod policy;
 mod reconcile;
 mod uninstall;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -26,6 +27,32 @@ use tracing::{info, warn};
 
 pub use reconcile::Settings;
 pub use uninstall::signal_uninstall;
+
+type PeerSetWatch =
+    futures::stream::BoxStream<'static, Result<watcher::Event<policy::BandwidthPeerSet>, watcher::Error>>;
+
+/// A watch of the peer sets of the policies with these uids.
+fn peer_set_watch(client: &Client, uids: &BTreeSet<String>) -> PeerSetWatch {
+    let uids: Vec<&str> = uids.iter().map(String::as_str).collect();
+    let selector = format!("{} in ({})", policy::POLICY_UID_LABEL, uids.join(","));
+    let config = watcher::Config::default().labels(&selector);
+    watcher(Api::<policy::BandwidthPeerSet>::all(client.clone()), config)
+        .default_backoff()
+        .boxed()
+}
+
+/// The next event of the peer set watch; never, while there is none.
+async fn next_peer_set(
+    watch: &mut Option<PeerSetWatch>,
+) -> Result<watcher::Event<policy::BandwidthPeerSet>, watcher::Error> {
+    match watch {
+        Some(w) => match w.next().await {
+            Some(event) => event,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
 
 /// How the agent runs.
 #[derive(Clone, Debug)]
@@ -78,13 +105,18 @@ pub async fn run(opts: Options) -> Result<()> {
     // the cluster.
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name));
     let mut pods = std::pin::pin!(watcher(Api::<Pod>::all(client.clone()), config).default_backoff());
+
     // Every policy of the cluster: few and small next to pods; the agent keeps the rules of
     // those that select a pod of its node.
     let mut policies = std::pin::pin!(watcher(
-        Api::<policy::BandwidthPolicy>::all(client),
+        Api::<policy::BandwidthPolicy>::all(client.clone()),
         watcher::Config::default()
     )
     .default_backoff());
+    // Only the peer sets of the policies selecting a pod here, by label: the apiserver sends
+    // this node nothing of the others. Watched anew when that list changes.
+    let mut peer_sets: Option<PeerSetWatch> = None;
+    let mut watched_sets: Option<BTreeSet<String>> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let shutdown = podshaper_daemon::shutdown_signal()?;
     tokio::pin!(shutdown);
@@ -107,8 +139,23 @@ pub async fn run(opts: Options) -> Result<()> {
                 Some(Err(e)) => warn!(error = %e, "BandwidthPolicy watch"),
                 None => break,
             },
+            event = next_peer_set(&mut peer_sets) => match event {
+                Ok(event) => reconciler.on_peer_set_event(event),
+                Err(e) => warn!(error = %e, "BandwidthPeerSet watch"),
+            },
             // The agent owns the daemon's periodic work too: one tick for both.
             _ = tick.tick() => reconciler.tick(),
+        }
+        let wanted = reconciler.wanted_sets();
+        if wanted.is_some() && wanted != watched_sets {
+            peer_sets = wanted
+                .as_ref()
+                .filter(|uids| !uids.is_empty())
+                .map(|uids| peer_set_watch(&client, uids));
+            if peer_sets.is_none() {
+                reconciler.no_sets_needed();
+            }
+            watched_sets = wanted;
         }
     }
     let _ = stop_tx.send(true);

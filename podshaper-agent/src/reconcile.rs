@@ -32,7 +32,7 @@ use crate::{
     decide::{self, Decision, InForce, Known, Wanted, REPORT_MISSING_AFTER},
     metrics::{Metrics, PodLabels, PodSample},
     podcgroup::{self, Driver, Qos},
-    policy::BandwidthPolicy,
+    policy::{BandwidthPeerSet, BandwidthPolicy},
 };
 
 /// What the agent needs to know of a pod.
@@ -124,14 +124,18 @@ pub struct Reconciler {
     /// UIDs listed since the watch (re)started, to drop pods deleted while it was down.
     listing: Option<HashSet<String>>,
     pods_listed: bool,
-    /// The BandwidthPolicies of the cluster, as last listed and watched.
+    /// The BandwidthPolicies of the cluster and the peer sets this node needs, as last listed
+    /// and watched.
     policies: Policies,
-    /// Policies listed since their watch (re)started: they replace `policies` whole once the
-    /// list is done, so a relist never leaves a moment with fewer policies than there are.
-    policy_listing: Option<Policies>,
-    /// Whether the policies were listed once: until then bindings in force are left alone
-    /// (a restarted agent must not lift a rule it has not read yet).
+    /// Policies (peer sets) listed since their watch (re)started: they replace the known ones
+    /// whole once the list is done, so a relist never leaves a moment with fewer than there are.
+    policy_listing: Option<Vec<BandwidthPolicy>>,
+    set_listing: Option<Vec<BandwidthPeerSet>>,
+    /// Whether the policies, and then the peer sets they need, were listed once: until then
+    /// bindings in force are left alone (a restarted agent must not lift a rule it has not
+    /// read yet).
     policies_listed: bool,
+    sets_listed: bool,
     /// What was said of each policy (namespace/name), so each thing is said once.
     policy_notes: HashMap<(String, String), Notes>,
     /// The agent's rules (named [`RULE_PREFIX`]…) as this process last set them on the node.
@@ -164,7 +168,9 @@ impl Reconciler {
             pods_listed: false,
             policies: Policies::default(),
             policy_listing: None,
+            set_listing: None,
             policies_listed: false,
+            sets_listed: false,
             policy_notes: HashMap::new(),
             rules_set: BTreeMap::new(),
             uninstalled: false,
@@ -223,16 +229,17 @@ impl Reconciler {
     /// Handles one event of the BandwidthPolicy watch.
     pub fn on_policy_event(&mut self, event: watcher::Event<BandwidthPolicy>) {
         match event {
-            watcher::Event::Init => self.policy_listing = Some(Policies::default()),
+            watcher::Event::Init => self.policy_listing = Some(Vec::new()),
             watcher::Event::InitApply(p) => {
                 if let Some(listing) = self.policy_listing.as_mut() {
-                    let notes = listing.apply(&p);
-                    self.tell(&p, notes);
+                    listing.push(p);
                 }
             }
             watcher::Event::InitDone => {
                 if let Some(listed) = self.policy_listing.take() {
-                    self.policies = listed;
+                    for (p, notes) in self.policies.replace(listed) {
+                        self.tell(&p, notes);
+                    }
                 }
                 let policies = &self.policies;
                 self.policy_notes
@@ -256,6 +263,69 @@ impl Reconciler {
         }
     }
 
+    /// Handles one event of the watch of the peer sets this node needs.
+    pub fn on_peer_set_event(&mut self, event: watcher::Event<BandwidthPeerSet>) {
+        let told = match event {
+            watcher::Event::Init => {
+                self.set_listing = Some(Vec::new());
+                return;
+            }
+            watcher::Event::InitApply(s) => {
+                if let Some(listing) = self.set_listing.as_mut() {
+                    listing.push(s);
+                }
+                return;
+            }
+            watcher::Event::InitDone => {
+                let told = match self.set_listing.take() {
+                    Some(listed) => self.policies.replace_sets(listed),
+                    None => Vec::new(),
+                };
+                if !self.sets_listed {
+                    self.sets_listed = true;
+                    for (p, notes) in told {
+                        self.tell(&p, notes);
+                    }
+                    return self.listed();
+                }
+                told
+            }
+            watcher::Event::Apply(s) => self.policies.apply_set(&s).into_iter().collect(),
+            watcher::Event::Delete(s) => self.policies.delete_set(&s).into_iter().collect(),
+        };
+        for (p, notes) in told {
+            self.tell(&p, notes);
+        }
+        self.sync_rules();
+    }
+
+    /// The peer sets this node needs (by policy uid), once pods and policies are listed: those
+    /// of the policies with selector peers that select a pod here.
+    pub fn wanted_sets(&self) -> Option<std::collections::BTreeSet<String>> {
+        if !(self.pods_listed && self.policies_listed) {
+            return None;
+        }
+        let pods = self
+            .pods
+            .values()
+            .filter(|t| !t.finished())
+            .map(|t| (t.pod.namespace.as_str(), &t.pod.labels));
+        Some(self.policies.wanted_sets(pods))
+    }
+
+    /// No peer set is needed (any more): the known ones are dropped and nothing waits for them.
+    pub fn no_sets_needed(&mut self) {
+        self.set_listing = None;
+        for (p, notes) in self.policies.replace_sets(Vec::new()) {
+            self.tell(&p, notes);
+        }
+        if !self.sets_listed {
+            self.sets_listed = true;
+            return self.listed();
+        }
+        self.sync_rules();
+    }
+
     /// The BandwidthPolicy API is not served (the CRD is not installed): there are no
     /// policies, so none binds anything. The watch keeps trying, and lists them once it is.
     pub fn no_policy_api(&mut self) {
@@ -263,15 +333,21 @@ impl Reconciler {
             return;
         }
         warn!("the BandwidthPolicy API is not served (CRD not installed?): no policy applies until it is");
-        self.policies = Policies::default();
+        self.policies.replace(Vec::new());
         self.policies_listed = true;
         self.listed();
     }
 
-    /// Once both pods and policies are listed: what no agent saw happen is put right (stale
-    /// limits, bindings and rules), and the agent is ready.
+    /// Whether pods, policies and the peer sets they need were all listed: before that, the
+    /// bindings in force are left as they are.
+    fn bindings_known(&self) -> bool {
+        self.pods_listed && self.policies_listed && self.sets_listed
+    }
+
+    /// Once pods, policies and peer sets are listed: what no agent saw happen is put right
+    /// (stale limits, bindings and rules), and the agent is ready.
     fn listed(&mut self) {
-        if !(self.pods_listed && self.policies_listed) {
+        if !self.bindings_known() {
             return;
         }
         self.sync_rules();
@@ -301,7 +377,7 @@ impl Reconciler {
     /// some pod here needs (new or changed ones first), binds every pod as its policies say,
     /// then removes the agent's rules no pod needs any more.
     fn sync_rules(&mut self) {
-        if self.uninstalled || !(self.pods_listed && self.policies_listed) {
+        if self.uninstalled || !self.bindings_known() {
             return;
         }
         let wanted = self.wanted_rules();
@@ -491,7 +567,7 @@ impl Reconciler {
         let parsed = annotations::parse(Some(&pod.annotations), self.settings.max_rate);
         // The rules to bind: none known before the policies are listed; with too many, the
         // bindings in force stay and the pod is told.
-        let (rules, conflict): (Option<Vec<PeerRule>>, Option<String>) = if self.policies_listed {
+        let (rules, conflict): (Option<Vec<PeerRule>>, Option<String>) = if self.bindings_known() {
             match self.policies.rules_for(&pod.namespace, &pod.labels) {
                 PodRules::Bound(rules) => (Some(rules.into_iter().cloned().collect()), None),
                 PodRules::TooMany(why) => (None, Some(why)),
@@ -696,7 +772,7 @@ impl Reconciler {
     /// that are not pods' (limited with the CLI) are left alone. Only once pods and policies
     /// are both listed.
     fn remove_stale(&mut self) {
-        if !(self.pods_listed && self.policies_listed) {
+        if !self.bindings_known() {
             return;
         }
         let known: HashSet<&str> = self.pods.keys().map(String::as_str).collect();
@@ -790,7 +866,7 @@ impl Reconciler {
             self.reconcile(&uid);
         }
         // Rules no pod here needs since a pod's labels changed or it went.
-        if self.ticks.is_multiple_of(10) && self.pods_listed && self.policies_listed && !self.uninstalled {
+        if self.ticks.is_multiple_of(10) && self.bindings_known() && !self.uninstalled {
             let wanted = self.wanted_rules();
             self.remove_unwanted_rules(&wanted);
         }

@@ -476,6 +476,18 @@ impl Kubelet {
             .await
     }
 
+    /// A BestEffort pod with `labels` at `pod_ip` (a peer of a policy, say).
+    pub async fn run_labeled_pod_at(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        pod_ip: &str,
+    ) -> Result<RunningPod> {
+        self.run_pod_with(namespace, name, QosClass::BestEffort, &[], labels, pod_ip)
+            .await
+    }
+
     async fn run_pod_with(
         &self,
         namespace: &str,
@@ -833,6 +845,121 @@ impl Drop for AgentProcess {
     }
 }
 
+/// `podshaper controller` as the chart's Deployment runs it: unprivileged, with the chart's
+/// controller ServiceAccount, campaigning for the chart's Lease in kube-system.
+pub struct ControllerProcess {
+    child: Option<Child>,
+    program: PathBuf,
+    kubeconfig: PathBuf,
+    identity: String,
+}
+
+/// The unprivileged user the controller runs as here.
+const NOBODY: u32 = 65_534;
+
+/// The chart's Lease name (release "podshaper").
+pub const CONTROLLER_LEASE: &str = "podshaper-controller";
+
+impl ControllerProcess {
+    /// Starts `program controller` as `identity`; it acts once it holds the Lease (see
+    /// [`ControllerProcess::wait_leader`]).
+    pub fn start(program: &Path, kubeconfig: &Path, identity: &str) -> Result<Self> {
+        // Its token, readable by its user only.
+        std::os::unix::fs::chown(kubeconfig, Some(NOBODY), Some(NOBODY))?;
+        fs::set_permissions(kubeconfig, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let mut c = Self {
+            child: None,
+            program: program.into(),
+            kubeconfig: kubeconfig.into(),
+            identity: identity.into(),
+        };
+        c.restart()?;
+        Ok(c)
+    }
+
+    /// (Re)starts the process, as an unprivileged user (nobody), as the chart runs it.
+    pub fn restart(&mut self) -> Result<()> {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            "--no-new-privs",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ])
+        .arg(&self.program)
+        .args([
+            "controller",
+            "--namespace",
+            "kube-system",
+            "--lease-name",
+            CONTROLLER_LEASE,
+            "--identity",
+            &self.identity,
+        ])
+        .env("KUBECONFIG", &self.kubeconfig)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null());
+        self.child = Some(cmd.spawn().context("start podshaper controller")?);
+        Ok(())
+    }
+
+    /// Stops it as Kubernetes does (SIGTERM; it gives the Lease up) and waits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills it hard: the Lease stays until it lapses.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until it holds the Lease; how long that took.
+    pub async fn wait_leader(&mut self, admin: &Client, within: Duration) -> Result<Duration> {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(admin.clone(), "kube-system");
+        let start = Instant::now();
+        loop {
+            let holder = leases
+                .get_opt(CONTROLLER_LEASE)
+                .await?
+                .and_then(|l| l.spec)
+                .and_then(|s| s.holder_identity);
+            if holder.as_deref() == Some(self.identity.as_str()) {
+                return Ok(start.elapsed());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("controller {} exited: {status}", self.identity);
+            }
+            if start.elapsed() > within {
+                bail!(
+                    "controller {} not leader within {within:?} (holder {holder:?})",
+                    self.identity
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A plain HTTP/1.1 GET: (status code, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
@@ -858,6 +985,7 @@ pub struct Cluster {
     pub cp: ControlPlane,
     pub admin: Client,
     pub agent_kubeconfig: PathBuf,
+    pub controller_kubeconfig: PathBuf,
 }
 
 impl Cluster {
@@ -871,10 +999,13 @@ impl Cluster {
         cp.namespace("kube-system").await?;
         let token = cp.token("kube-system", "podshaper").await?;
         let agent_kubeconfig = cp.kubeconfig(&token, "agent")?;
+        let token = cp.token("kube-system", "podshaper-controller").await?;
+        let controller_kubeconfig = cp.kubeconfig(&token, "controller")?;
         Ok(Self {
             cp,
             admin,
             agent_kubeconfig,
+            controller_kubeconfig,
         })
     }
 

@@ -48,6 +48,12 @@ enum Command {
     /// kubernetes.io/ingress-bandwidth annotations and the BandwidthPolicies selecting it say,
     /// live. Uses the in-cluster config or KUBECONFIG.
     Agent(AgentArgs),
+    /// Run the BandwidthPolicy controller (no privileges; what the chart's Deployment runs):
+    /// resolves the pod and namespace selectors of every policy into addresses, published as
+    /// BandwidthPeerSets for the agents, and writes the policies' status. One replica acts at
+    /// a time, the holder of a coordination.k8s.io Lease. Uses the in-cluster config or
+    /// KUBECONFIG.
+    Controller(ControllerArgs),
     /// Ask every agent of a Helm release to lift all limits on its node and wait for them to
     /// confirm (the chart's pre-delete hook runs this on `helm uninstall`).
     Uninstall {
@@ -65,8 +71,8 @@ enum Command {
         #[arg(long)]
         ignore_unconfirmed: bool,
     },
-    /// Print the BandwidthPolicy CustomResourceDefinition (YAML) that the chart ships,
-    /// generated from the agent's types: `podshaper crd > deploy/helm/podshaper/templates/crd-bandwidthpolicy.yaml`.
+    /// Print the CustomResourceDefinitions (YAML: BandwidthPolicy, BandwidthPeerSet) that the chart ships,
+    /// generated from the agent's types: `podshaper crd > deploy/helm/podshaper/templates/crds.yaml`.
     Crd,
     /// Set or change the limits of a cgroup v2 directory and everything below it, and the
     /// peer rules it is bound to. Applies live; a direction not given keeps its limit, `none`
@@ -217,6 +223,19 @@ struct AgentArgs {
     no_peer_pacing: bool,
 }
 
+#[derive(clap::Args, Debug)]
+struct ControllerArgs {
+    /// The namespace of the Lease (the controller's own, from the downward API).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    /// The Lease's name.
+    #[arg(long, env = "PODSHAPER_LEASE", default_value = "podshaper-controller")]
+    lease_name: String,
+    /// This replica's name in the Lease (its pod's name, from the downward API).
+    #[arg(long, env = "POD_NAME")]
+    identity: String,
+}
+
 fn parse_change(s: &str) -> Result<Change, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "none" | "unlimited" => Ok(Change::Unlimited),
@@ -289,6 +308,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     cgroup_root: a.cgroup_root,
                 },
             }))?;
+        }
+        Command::Controller(c) => {
+            rt.block_on(podshaper_agent::controller::run(
+                podshaper_agent::controller::Options {
+                    namespace: c.namespace,
+                    lease_name: c.lease_name,
+                    identity: c.identity,
+                },
+            ))?;
         }
         Command::Uninstall {
             namespace,

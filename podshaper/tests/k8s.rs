@@ -24,7 +24,7 @@ use std::{
 use kube::Api;
 use podshaper_api::Limits;
 use podshaper_testbed::{
-    k8s::{AgentProcess, CgroupDriver, Cluster, Kubelet, QosClass, RunningPod},
+    k8s::{AgentProcess, CgroupDriver, Cluster, ControllerProcess, Kubelet, QosClass, RunningPod},
     run_client, unique_name, ClientOptions, IperfServer, NetnsPair, ServerOptions, Traffic, L3,
 };
 
@@ -789,7 +789,7 @@ fn the_plain_manifests_are_the_charts_output_and_the_agent_role_is_least_privile
         body == rendered,
         "deploy/manifests/podshaper.yaml is stale: regenerate it with the command in its header"
     );
-    // Exactly: read pods and BandwidthPolicies, write events. Nothing else, anywhere.
+    // Exactly: read pods, BandwidthPolicies and peer sets, write events. Nothing else, anywhere.
     let role = rendered
         .split("\n---\n")
         .find(|d| d.contains("kind: ClusterRole\n"))
@@ -807,7 +807,7 @@ fn the_plain_manifests_are_the_charts_output_and_the_agent_role_is_least_privile
             "    resources: [pods]",
             "    verbs: [get, list, watch]",
             "  - apiGroups: [podshaper.io]",
-            "    resources: [bandwidthpolicies]",
+            "    resources: [bandwidthpolicies, bandwidthpeersets]",
             "    verbs: [get, list, watch]",
             "  - apiGroups: [events.k8s.io]",
             "    resources: [events]",
@@ -815,9 +815,10 @@ fn the_plain_manifests_are_the_charts_output_and_the_agent_role_is_least_privile
         ]
     );
     let kinds = |k: &str| rendered.lines().filter(|l| *l == format!("kind: {k}")).count();
-    // The agent's, and the read-only BandwidthPolicy viewer aggregated into `view`: no role
-    // of the chart aggregates a write verb on policies into the built-in roles.
-    assert_eq!(kinds("ClusterRole"), 2);
+    // The agent's, the controller's, and the read-only BandwidthPolicy viewer aggregated
+    // into `view`: no role of the chart aggregates a write verb on policies into the built-in
+    // roles.
+    assert_eq!(kinds("ClusterRole"), 3);
     for doc in rendered.split("\n---\n").filter(|d| d.contains("aggregate-to-")) {
         assert!(
             !doc.contains("aggregate-to-edit") && !doc.contains("aggregate-to-admin"),
@@ -834,7 +835,37 @@ fn the_plain_manifests_are_the_charts_output_and_the_agent_role_is_least_privile
             && rendered.contains("helm.sh/resource-policy: keep"),
         "the chart ships the BandwidthPolicy CRD, kept on uninstall"
     );
-    assert_eq!(kinds("Role"), 0, "the agent needs no namespaced Role");
+    // The controller's: exactly its Lease, in the release's namespace.
+    let role = rendered
+        .split("\n---\n")
+        .find(|d| d.contains("kind: Role\n"))
+        .expect("the controller's Role");
+    let rules: Vec<&str> = role.lines().skip_while(|l| *l != "rules:").collect();
+    assert_eq!(
+        rules,
+        [
+            "rules:",
+            "  - apiGroups: [coordination.k8s.io]",
+            "    resources: [leases]",
+            "    verbs: [create]",
+            "  - apiGroups: [coordination.k8s.io]",
+            "    resources: [leases]",
+            "    resourceNames: [podshaper-controller]",
+            "    verbs: [get, update]",
+        ]
+    );
+    assert_eq!(kinds("Role"), 1, "the agent needs no namespaced Role");
+    // The controller's pods never carry the agents' selector labels (the uninstall hook finds
+    // the agents by them).
+    let deployment = rendered
+        .split("\n---\n")
+        .find(|d| d.contains("kind: Deployment\n"))
+        .expect("the controller's Deployment");
+    assert!(
+        deployment.contains("app.kubernetes.io/name: podshaper-controller")
+            && !deployment.contains("app.kubernetes.io/name: podshaper\n"),
+        "{deployment}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1314,4 +1345,252 @@ async fn a_shared_bandwidth_policy_holds_the_sum_of_its_pods_on_a_node() {
             r / 1e6
         );
     }
+}
+
+/// The controller as the chart runs it (its ServiceAccount, no privileges), once it leads.
+async fn controller(cluster: &Cluster, identity: &str) -> ControllerProcess {
+    let bin = Path::new(env!("CARGO_BIN_EXE_podshaper"));
+    let mut c = ControllerProcess::start(bin, &cluster.controller_kubeconfig, identity).expect("controller");
+    c.wait_leader(&cluster.admin, Duration::from_secs(20))
+        .await
+        .expect("leader");
+    c
+}
+
+/// Waits until policy `name`'s status satisfies `ok`; the status then.
+async fn wait_status(
+    cluster: &Cluster,
+    name: &str,
+    within: Duration,
+    ok: impl Fn(&podshaper_agent::policy::BandwidthPolicyStatus) -> bool,
+) -> podshaper_agent::policy::BandwidthPolicyStatus {
+    let api: Api<podshaper_agent::policy::BandwidthPolicy> = Api::namespaced(cluster.admin.clone(), NS);
+    let start = Instant::now();
+    loop {
+        let status = api.get(name).await.unwrap().status.unwrap_or_default();
+        if ok(&status) {
+            return status;
+        }
+        assert!(start.elapsed() < within, "{name}: status {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the agent's rule `name` holds `prefixes` peer-table entries.
+fn wait_prefixes(agent: &AgentProcess, name: &str, prefixes: usize, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let held = agent
+            .rules()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.name == name)
+            .map(|r| r.prefixes);
+        if held == Some(prefixes) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{name}: {held:?} entries, want {prefixes}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Pods as peers, through the controller and the agent, with real traffic: pod A (app=batch)
+/// capped to 20M towards pods labelled app=db and 30M from them, while its traffic to and from
+/// app=web runs free at the same time; a label change on a peer pod moves it into the cap and
+/// out again, live; the policy's status says Accepted, with its pods, nodes and summary; an
+/// invalid policy gets an Invalid condition and changes nothing; deleting the policy lifts
+/// everything and deletes its peer set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bandwidth_policy_caps_traffic_to_pods_by_selector_live() {
+    use podshaper_agent::policy::BandwidthPeerSet;
+    let Some(_g) = privileged() else { return };
+    let cluster = cluster().await;
+    let kubelet = kubelet(&cluster, CgroupDriver::Systemd, "");
+    let remote = cluster.kubelet("node-b", CgroupDriver::Systemd, "").unwrap();
+    let agent = agent(&cluster, None);
+    let _controller = controller(&cluster, "controller-0").await;
+    let pair = NetnsPair::new().unwrap();
+    pair.add_second_b().unwrap();
+    let (web_ip, db_ip) = (IpAddr::V4(NetnsPair::B_V4), IpAddr::V4(NetnsPair::B2_V4));
+    let pod = kubelet
+        .run_labeled_pod_at(NS, "batch", &[("app", "batch")], "198.18.0.1")
+        .await
+        .unwrap();
+    let _db = remote
+        .run_labeled_pod_at(NS, "db", &[("app", "db")], &db_ip.to_string())
+        .await
+        .unwrap();
+    let _web = remote
+        .run_labeled_pod_at(NS, "web", &[("app", "web")], &web_ip.to_string())
+        .await
+        .unwrap();
+    let created = create_policy(
+        &cluster,
+        &bwp(
+            "batch-to-db",
+            "podSelector: {matchLabels: {app: batch}}\n\
+             egress: [{rate: 20M, peers: [{podSelector: {matchLabels: {app: db}}}]}]\n\
+             ingress: [{rate: 30M, peers: [{podSelector: {matchLabels: {app: db}}}]}]\n",
+        ),
+    )
+    .await;
+    let bound = ["bwp:shop/batch-to-db:egress0", "bwp:shop/batch-to-db:ingress0"];
+    let took = agent
+        .wait_pod_rules(NS, "batch", &bound, Duration::from_secs(10))
+        .unwrap();
+    eprintln!("selector policy enforced {took:?} after its creation returned");
+    let status = wait_status(&cluster, "batch-to-db", Duration::from_secs(5), |s| {
+        s.observed_generation == created.metadata.generation
+    })
+    .await;
+    let accepted = &status.conditions[0];
+    assert_eq!(
+        (accepted.type_.as_str(), accepted.status.as_str()),
+        ("Accepted", "True")
+    );
+    assert_eq!(status.selected_pods, Some(1));
+    assert_eq!(status.enforcing_nodes, Some(1));
+    assert_eq!(
+        status.summary.as_deref(),
+        Some("egress 20M to 1 peer, ingress 30M to 1 peer")
+    );
+    let sets: Api<BandwidthPeerSet> = Api::namespaced(cluster.admin.clone(), NS);
+    let set = sets.get("batch-to-db").await.unwrap();
+    assert_eq!(set.spec.egress[0].addresses, [db_ip.to_string()]);
+
+    // Both ways, the db flow capped and the web flow free at the same time.
+    let out = flows_from(&pair, &[(&pod, db_ip), (&pod, web_ip)], false, 4);
+    let inn = flows_from(&pair, &[(&pod, db_ip), (&pod, web_ip)], true, 4);
+    eprintln!(
+        "to app=db {:.3} of 20M, to app=web {:.0} Mbit/s; from app=db {:.3} of 30M, from app=web {:.0} Mbit/s",
+        out[0] / (20 * M) as f64,
+        out[1] / 1e6,
+        inn[0] / (30 * M) as f64,
+        inn[1] / 1e6
+    );
+    assert_near("egress to app=db", out[0], 20 * M);
+    assert_near("ingress from app=db", inn[0], 30 * M);
+    for (what, free) in [("to app=web", out[1]), ("from app=web", inn[1])] {
+        assert!(free > 3.0 * 30.0 * M as f64, "{what}: {:.1} Mbit/s", free / 1e6);
+    }
+
+    // The web pod labelled app=db joins the cap live, and leaves it when labelled back.
+    remote.label(NS, "web", &[("app", Some("db"))]).await.unwrap();
+    let took = wait_prefixes(&agent, bound[0], 2, Duration::from_secs(5));
+    eprintln!("peer label change enforced after {took:?}");
+    let joined = flows_from(&pair, &[(&pod, web_ip)], false, 3)[0];
+    assert_near("egress to web, now app=db", joined, 20 * M);
+    remote.label(NS, "web", &[("app", Some("web"))]).await.unwrap();
+    wait_prefixes(&agent, bound[0], 1, Duration::from_secs(5));
+    let left = flows_from(&pair, &[(&pod, web_ip)], false, 3)[0];
+    assert!(left > 3.0 * 20.0 * M as f64, "released: {:.1} Mbit/s", left / 1e6);
+
+    // Invalid: the condition says why, nothing changes on the node.
+    create_policy(
+        &cluster,
+        &bwp(
+            "bad",
+            "podSelector: {}\negress: [{rate: 1M, peers: [{podSelector: {}}, {ipBlock: {cidr: 198.18.0.1/24}}]}]",
+        ),
+    )
+    .await;
+    let status = wait_status(&cluster, "bad", Duration::from_secs(5), |s| {
+        s.conditions.iter().any(|c| c.type_ == "Accepted")
+    })
+    .await;
+    let c = &status.conditions[0];
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Invalid"));
+    assert!(c.message.contains("host bits"), "{}", c.message);
+    assert_eq!(agent.pod_rules(NS, "batch").unwrap(), bound);
+    assert_eq!(policy_rules(&agent), bound);
+    assert!(
+        sets.get_opt("bad").await.unwrap().is_none(),
+        "an invalid policy got a peer set"
+    );
+
+    // Deleting the policy lifts everything and deletes its set (the controller does; no
+    // garbage collector runs here).
+    delete_policy(&cluster, "batch-to-db").await;
+    delete_policy(&cluster, "bad").await;
+    agent
+        .wait_pod_rules(NS, "batch", &[], Duration::from_secs(5))
+        .unwrap();
+    let start = Instant::now();
+    while sets.get_opt("batch-to-db").await.unwrap().is_some() || !policy_rules(&agent).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(5), "peer set or rules left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(agent.status().unwrap().is_empty(), "{:?}", agent.status());
+}
+
+/// One controller acts at a time, and a policy stays enforced while none does: with the leader
+/// killed, the cap holds and a peer's label change waits; the standby takes the Lease once it
+/// lapsed and catches up; a leader stopped cleanly hands over at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_controller_fails_over_and_enforcement_never_depends_on_it() {
+    let Some(_g) = privileged() else { return };
+    let cluster = cluster().await;
+    let kubelet = kubelet(&cluster, CgroupDriver::Systemd, "");
+    let remote = cluster.kubelet("node-b", CgroupDriver::Systemd, "").unwrap();
+    let agent = agent(&cluster, None);
+    let mut first = controller(&cluster, "controller-0").await;
+    let bin = Path::new(env!("CARGO_BIN_EXE_podshaper"));
+    let mut second = ControllerProcess::start(bin, &cluster.controller_kubeconfig, "controller-1").unwrap();
+    let _pod = kubelet
+        .run_labeled_pod_at(NS, "batch", &[("app", "batch")], "198.18.0.1")
+        .await
+        .unwrap();
+    let _db = remote
+        .run_labeled_pod_at(NS, "db", &[("app", "db")], "198.18.0.3")
+        .await
+        .unwrap();
+    let _web = remote
+        .run_labeled_pod_at(NS, "web", &[("app", "web")], "198.18.0.2")
+        .await
+        .unwrap();
+    create_policy(
+        &cluster,
+        &bwp(
+            "batch-to-db",
+            "podSelector: {matchLabels: {app: batch}}\n\
+             egress: [{rate: 20M, peers: [{podSelector: {matchLabels: {app: db}}}]}]\n",
+        ),
+    )
+    .await;
+    let rule = "bwp:shop/batch-to-db:egress0";
+    agent
+        .wait_pod_rules(NS, "batch", &[rule], Duration::from_secs(10))
+        .unwrap();
+    wait_prefixes(&agent, rule, 1, Duration::from_secs(5));
+
+    // The leader dies without a word: nothing on the node changes, a change waits.
+    first.kill();
+    remote.label(NS, "web", &[("app", Some("db"))]).await.unwrap();
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(agent.pod_rules(NS, "batch").unwrap(), [rule]);
+    wait_prefixes(&agent, rule, 1, Duration::from_secs(1));
+    // The standby takes over once the Lease lapsed (15 s unrenewed) and catches up.
+    let took = second
+        .wait_leader(&cluster.admin, Duration::from_secs(30))
+        .await
+        .unwrap();
+    eprintln!("standby took the lease {took:?} after the leader died (2 s of it before the wait)");
+    let caught_up = wait_prefixes(&agent, rule, 2, Duration::from_secs(5));
+    eprintln!("the new leader's set enforced {caught_up:?} after it took the lease");
+
+    // A clean stop gives the Lease up: the other one leads within moments.
+    first.restart().unwrap();
+    thread::sleep(Duration::from_millis(500));
+    second.stop();
+    let took = first
+        .wait_leader(&cluster.admin, Duration::from_secs(10))
+        .await
+        .unwrap();
+    eprintln!("handover after a clean stop: {took:?}");
+    assert!(took < Duration::from_secs(5), "handover took {took:?}");
+    remote.label(NS, "web", &[("app", Some("web"))]).await.unwrap();
+    wait_prefixes(&agent, rule, 1, Duration::from_secs(5));
 }

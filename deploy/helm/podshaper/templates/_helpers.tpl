@@ -42,3 +42,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "podshaper.image" -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
+
+{{/* The controller's pods: a name label of their own, so the agents' selector never picks them. */}}
+{{- define "podshaper.controllerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "podshaper.name" . }}-controller
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "podshaper.controllerLabels" -}}
+helm.sh/chart: {{ include "podshaper.chart" . }}
+{{ include "podshaper.controllerSelectorLabels" . }}
+app.kubernetes.io/component: controller
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}

@@ -1,0 +1,505 @@
+//! The controller's in-memory index: namespaces, pods and policies as the watches report them,
+//! and from them what to publish for each policy: the addresses of its pod peers (the
+//! BandwidthPeerSet agents read) and its status. Pure: the controller's loop feeds it and
+//! writes what it answers; tested here in milliseconds.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use k8s_openapi::{
+    api::core::v1::Pod,
+    apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    core::{Selector, SelectorExt},
+    ResourceExt,
+};
+
+use crate::policy::{BandwidthPeerSetSpec, BandwidthPolicy, BandwidthPolicyStatus, ResolvedPeers};
+
+/// A policy, by namespace and name.
+pub type Key = (String, String);
+
+/// What the controller needs of a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub labels: BTreeMap<String, String>,
+    /// Its addresses (status.podIPs); none before the sandbox is up.
+    pub ips: Vec<IpAddr>,
+    pub node: Option<String>,
+    /// A hostNetwork pod has the node's addresses, shared by the node and every such pod on it:
+    /// never a peer by selector (an ipBlock with the node's address is how to cap those).
+    pub host_network: bool,
+    /// Succeeded or Failed: its address may already be another pod's.
+    pub finished: bool,
+    /// Creation time (seconds) and uid: of two live pods with one address (a reused address
+    /// while the old pod terminates), the newer one has it.
+    pub age: (i64, String),
+}
+
+impl PodInfo {
+    /// The pod's namespace, name and what the index keeps of it.
+    pub fn of(pod: &Pod) -> Option<(String, String, Self)> {
+        let status = pod.status.as_ref();
+        let spec = pod.spec.as_ref();
+        let ips = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.ip.parse().ok())
+            .collect();
+        let info = Self {
+            labels: pod.labels().clone(),
+            ips,
+            node: spec.and_then(|s| s.node_name.clone()),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            finished: matches!(
+                status.and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            ),
+            age: (
+                pod.creation_timestamp().map_or(0, |t| t.0.as_second()),
+                pod.uid().unwrap_or_default(),
+            ),
+        };
+        Some((pod.namespace()?, pod.name_any(), info))
+    }
+
+    /// Whether its addresses are peers a selector may pick.
+    fn addressable(&self) -> bool {
+        !self.finished && !self.host_network
+    }
+}
+
+/// A pod holding an address: its age (see [`PodInfo::age`]), namespace and name.
+type Holder = ((i64, String), String, String);
+
+/// The index.
+#[derive(Debug, Default)]
+pub struct Index {
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pods: BTreeMap<String, BTreeMap<String, PodInfo>>,
+    /// The addressable pods holding each address, oldest first: the last one owns it.
+    holders: HashMap<IpAddr, BTreeSet<Holder>>,
+    policies: BTreeMap<Key, BandwidthPolicy>,
+}
+
+/// What to publish for a policy.
+#[derive(Debug, PartialEq)]
+pub struct Published {
+    /// The addresses of its pod peers; none when it has no selector peer or is invalid.
+    pub peer_set: Option<BandwidthPeerSetSpec>,
+    pub status: BandwidthPolicyStatus,
+}
+
+impl Index {
+    /// Adds or changes a namespace; whether that changed anything.
+    pub fn set_namespace(&mut self, name: String, labels: BTreeMap<String, String>) -> bool {
+        self.namespaces.insert(name, labels.clone()) != Some(labels)
+    }
+
+    pub fn delete_namespace(&mut self, name: &str) -> bool {
+        self.namespaces.remove(name).is_some()
+    }
+
+    pub fn namespace_names(&self) -> Vec<String> {
+        self.namespaces.keys().cloned().collect()
+    }
+
+    /// Adds or changes a pod; whether anything a policy reads changed (a pod's status
+    /// updates mostly change nothing here).
+    pub fn set_pod(&mut self, namespace: String, name: String, info: PodInfo) -> bool {
+        let old = self.pods.get(&namespace).and_then(|p| p.get(&name));
+        if old == Some(&info) {
+            return false;
+        }
+        self.delete_pod(&namespace, &name);
+        if info.addressable() {
+            for ip in &info.ips {
+                self.holders.entry(*ip).or_default().insert((
+                    info.age.clone(),
+                    namespace.clone(),
+                    name.clone(),
+                ));
+            }
+        }
+        self.pods.entry(namespace).or_default().insert(name, info);
+        true
+    }
+
+    pub fn delete_pod(&mut self, namespace: &str, name: &str) -> bool {
+        let Some(ns) = self.pods.get_mut(namespace) else {
+            return false;
+        };
+        let Some(old) = ns.remove(name) else {
+            return false;
+        };
+        if ns.is_empty() {
+            self.pods.remove(namespace);
+        }
+        for ip in &old.ips {
+            if let Some(h) = self.holders.get_mut(ip) {
+                h.remove(&(old.age.clone(), namespace.to_string(), name.to_string()));
+                if h.is_empty() {
+                    self.holders.remove(ip);
+                }
+            }
+        }
+        true
+    }
+
+    /// Every pod, by namespace and name.
+    pub fn pod_keys(&self) -> Vec<Key> {
+        self.pods
+            .iter()
+            .flat_map(|(ns, pods)| pods.keys().map(move |n| (ns.clone(), n.clone())))
+            .collect()
+    }
+
+    pub fn set_policy(&mut self, policy: BandwidthPolicy) -> Option<Key> {
+        let key = (policy.namespace()?, policy.name_any());
+        self.policies.insert(key.clone(), policy);
+        Some(key)
+    }
+
+    pub fn delete_policy(&mut self, key: &Key) {
+        self.policies.remove(key);
+    }
+
+    pub fn policy(&self, key: &Key) -> Option<&BandwidthPolicy> {
+        self.policies.get(key)
+    }
+
+    pub fn policy_keys(&self) -> Vec<Key> {
+        self.policies.keys().cloned().collect()
+    }
+
+    /// What to publish for the policy `key`, if it exists; `now` stamps a condition that
+    /// changes (one that does not keeps its time from `status`).
+    pub fn publish(&self, key: &Key, now: Timestamp) -> Option<Published> {
+        let policy = self.policies.get(key)?;
+        let (namespace, _) = key;
+        let generation = policy.metadata.generation.unwrap_or(0);
+        let checked = policy.spec.check();
+        let selected: Vec<&PodInfo> = match selector(&policy.spec.pod_selector) {
+            Some(sel) => self
+                .pods
+                .get(namespace)
+                .into_iter()
+                .flat_map(|p| p.values())
+                .filter(|p| !p.finished && sel.matches(&p.labels))
+                .collect(),
+            None => Vec::new(),
+        };
+        let nodes: BTreeSet<&str> = selected.iter().filter_map(|p| p.node.as_deref()).collect();
+        let (accepted, reason, message) = match &checked {
+            Ok(_) => ("True", "Accepted", String::new()),
+            Err(why) => (
+                "False",
+                "Invalid",
+                format!("{}; it changes nothing", why.join("; ")),
+            ),
+        };
+        let previous = policy
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted"));
+        let since = match previous {
+            Some(c) if c.status == accepted && c.reason == reason => c.last_transition_time.clone(),
+            _ => Time(now),
+        };
+        let status = BandwidthPolicyStatus {
+            observed_generation: Some(generation),
+            conditions: vec![Condition {
+                type_: "Accepted".into(),
+                status: accepted.into(),
+                reason: reason.into(),
+                message,
+                observed_generation: Some(generation),
+                last_transition_time: since,
+            }],
+            summary: Some(policy.spec.summary()),
+            selected_pods: Some(i32::try_from(selected.len()).unwrap_or(i32::MAX)),
+            enforcing_nodes: Some(i32::try_from(nodes.len()).unwrap_or(i32::MAX)),
+        };
+        let has_selector_peers = policy
+            .spec
+            .egress
+            .iter()
+            .chain(&policy.spec.ingress)
+            .flat_map(|r| &r.peers)
+            .any(|p| p.ip_block.is_none());
+        let peer_set = match (checked, policy.uid()) {
+            (Ok(_), Some(uid)) if has_selector_peers => Some(BandwidthPeerSetSpec {
+                policy_uid: uid,
+                policy_generation: generation,
+                egress: policy
+                    .spec
+                    .egress
+                    .iter()
+                    .map(|r| self.resolve(namespace, &r.peers))
+                    .collect(),
+                ingress: policy
+                    .spec
+                    .ingress
+                    .iter()
+                    .map(|r| self.resolve(namespace, &r.peers))
+                    .collect(),
+            }),
+            _ => None,
+        };
+        Some(Published { peer_set, status })
+    }
+
+    /// The addresses of the pods the selector peers pick, as NetworkPolicy reads them: a
+    /// podSelector alone picks pods of the policy's namespace; a namespaceSelector picks
+    /// namespaces, and with a podSelector only those pods in them. Sorted.
+    fn resolve(&self, namespace: &str, peers: &[crate::policy::Peer]) -> ResolvedPeers {
+        let mut addresses: BTreeSet<IpAddr> = BTreeSet::new();
+        for peer in peers.iter().filter(|p| p.ip_block.is_none()) {
+            let pods = match &peer.pod_selector {
+                Some(s) => selector(s),
+                None => Some(Selector::default()),
+            };
+            let Some(pods) = pods else { continue };
+            let namespaces: Vec<&str> = match &peer.namespace_selector {
+                None => vec![namespace],
+                Some(s) => match selector(s) {
+                    Some(sel) => self
+                        .namespaces
+                        .iter()
+                        .filter(|(_, labels)| sel.matches(labels))
+                        .map(|(n, _)| n.as_str())
+                        .collect(),
+                    None => Vec::new(),
+                },
+            };
+            for ns in namespaces {
+                for (name, pod) in self.pods.get(ns).into_iter().flatten() {
+                    if !pod.addressable() || !pods.matches(&pod.labels) {
+                        continue;
+                    }
+                    for ip in &pod.ips {
+                        if self.owner(ip) == Some((ns, name.as_str())) {
+                            addresses.insert(*ip);
+                        }
+                    }
+                }
+            }
+        }
+        ResolvedPeers {
+            addresses: addresses.iter().map(IpAddr::to_string).collect(),
+        }
+    }
+
+    /// The pod that has an address now: the newest live one holding it.
+    fn owner(&self, ip: &IpAddr) -> Option<(&str, &str)> {
+        self.holders
+            .get(ip)
+            .and_then(|h| h.last())
+            .map(|(_, ns, name)| (ns.as_str(), name.as_str()))
+    }
+}
+
+/// A selector the policy check let through; none if it cannot be parsed (an Invalid policy).
+fn selector(s: &LabelSelector) -> Option<Selector> {
+    Selector::try_from(s.clone()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(namespace: &str, name: &str, spec: &str) -> BandwidthPolicy {
+        let mut p = crate::policy::test_policy(namespace, name, spec);
+        p.metadata.generation = Some(3);
+        p
+    }
+
+    /// A policy over every pod of shop, capping egress to its app=db pods.
+    fn to_db(index: &mut Index) -> Key {
+        index
+            .set_policy(policy(
+                "shop",
+                "p",
+                "podSelector: {}\negress: [{rate: 20M, peers: [{podSelector: {matchLabels: {app: db}}}]}]\n",
+            ))
+            .unwrap()
+    }
+
+    fn pod(labels: &[(&str, &str)], ips: &[&str], created: i64) -> PodInfo {
+        PodInfo {
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            node: Some(format!("node-{}", created % 2)),
+            host_network: false,
+            finished: false,
+            age: (created, format!("uid-{created}")),
+        }
+    }
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_000).unwrap()
+    }
+
+    /// The egress addresses of rule `i` of the published peer set.
+    fn egress(index: &Index, k: &Key, i: usize) -> Vec<String> {
+        let published = index.publish(k, now()).unwrap();
+        published.peer_set.expect("a peer set").egress[i]
+            .addresses
+            .clone()
+    }
+
+    fn cluster() -> Index {
+        let mut index = Index::default();
+        for (ns, team) in [("shop", "web"), ("data", "data"), ("other", "data")] {
+            index.set_namespace(ns.into(), [("team".to_string(), team.to_string())].into());
+        }
+        index.set_pod(
+            "shop".into(),
+            "batch".into(),
+            pod(&[("app", "batch")], &["198.18.1.1"], 1),
+        );
+        index.set_pod(
+            "shop".into(),
+            "db".into(),
+            pod(&[("app", "db")], &["198.18.1.2", "2001:2::12"], 2),
+        );
+        index.set_pod(
+            "shop".into(),
+            "web".into(),
+            pod(&[("app", "web")], &["198.18.1.3"], 3),
+        );
+        index.set_pod(
+            "data".into(),
+            "db".into(),
+            pod(&[("app", "db")], &["198.18.2.2"], 4),
+        );
+        index.set_pod(
+            "other".into(),
+            "db".into(),
+            pod(&[("app", "db")], &["198.18.3.2"], 5),
+        );
+        index
+    }
+
+    #[test]
+    fn selectors_pick_peers_as_network_policy_does() {
+        let mut index = cluster();
+        let k = index
+            .set_policy(policy(
+                "shop",
+                "p",
+                "podSelector: {matchLabels: {app: batch}}\n\
+                 egress:\n\
+                 - {rate: 20M, peers: [{podSelector: {matchLabels: {app: db}}}]}\n\
+                 - {rate: 20M, peers: [{namespaceSelector: {matchLabels: {team: data}}}]}\n\
+                 - {rate: 20M, peers: [{namespaceSelector: {matchLabels: {team: data}}, podSelector: {matchLabels: {app: db}}}]}\n\
+                 - {rate: 20M, peers: [{ipBlock: {cidr: 198.18.0.0/24}}]}\n",
+            ))
+            .unwrap();
+        // podSelector alone: this namespace's db pod, both families.
+        assert_eq!(egress(&index, &k, 0), ["198.18.1.2", "2001:2::12"]);
+        // namespaceSelector alone: every pod of those namespaces.
+        assert_eq!(egress(&index, &k, 1), ["198.18.2.2", "198.18.3.2"]);
+        assert_eq!(egress(&index, &k, 2), ["198.18.2.2", "198.18.3.2"]);
+        // An ipBlock rule needs no addresses from the controller.
+        assert!(egress(&index, &k, 3).is_empty());
+        let p = index.publish(&k, now()).unwrap();
+        assert_eq!(p.peer_set.as_ref().unwrap().policy_uid, "uid-p");
+        assert_eq!(p.peer_set.as_ref().unwrap().policy_generation, 3);
+        assert_eq!(p.status.selected_pods, Some(1));
+        assert_eq!(p.status.enforcing_nodes, Some(1));
+        assert_eq!(p.status.observed_generation, Some(3));
+        assert_eq!(p.status.conditions[0].status, "True");
+        assert_eq!(
+            p.status.summary.as_deref(),
+            Some("egress 20M to 1 peer, egress 20M to 1 peer, egress 20M to 1 peer, egress 20M to 1 peer")
+        );
+    }
+
+    #[test]
+    fn a_label_change_moves_a_pod_in_and_out_and_status_updates_change_nothing() {
+        let mut index = cluster();
+        let k = to_db(&mut index);
+        assert!(!index.set_pod(
+            "shop".into(),
+            "web".into(),
+            pod(&[("app", "web")], &["198.18.1.3"], 3)
+        ));
+        assert!(index.set_pod(
+            "shop".into(),
+            "web".into(),
+            pod(&[("app", "db")], &["198.18.1.3"], 3)
+        ));
+        assert_eq!(egress(&index, &k, 0), ["198.18.1.2", "198.18.1.3", "2001:2::12"]);
+        assert!(index.delete_pod("shop", "db"));
+        assert_eq!(egress(&index, &k, 0), ["198.18.1.3"]);
+        assert_eq!(index.publish(&k, now()).unwrap().status.selected_pods, Some(2));
+    }
+
+    #[test]
+    fn a_reused_address_belongs_to_the_pod_that_has_it_now() {
+        let mut index = cluster();
+        let k = to_db(&mut index);
+        // The db pod terminates; a newer web pod got its address already: not a peer.
+        index.set_pod(
+            "shop".into(),
+            "web-2".into(),
+            pod(&[("app", "web")], &["198.18.1.2"], 9),
+        );
+        assert_eq!(egress(&index, &k, 0), ["2001:2::12"]);
+        // The new pod goes: the address is the old pod's again while it still runs.
+        index.delete_pod("shop", "web-2");
+        assert_eq!(egress(&index, &k, 0), ["198.18.1.2", "2001:2::12"]);
+        // Finished, or hostNetwork (the node's address): never a peer.
+        let mut done = pod(&[("app", "db")], &["198.18.1.2", "2001:2::12"], 2);
+        done.finished = true;
+        index.set_pod("shop".into(), "db".into(), done);
+        assert!(egress(&index, &k, 0).is_empty());
+        let mut host = pod(&[("app", "db")], &["198.18.9.9"], 7);
+        host.host_network = true;
+        index.set_pod("shop".into(), "host".into(), host);
+        assert!(egress(&index, &k, 0).is_empty());
+    }
+
+    #[test]
+    fn an_invalid_policy_gets_the_reason_and_no_peer_set() {
+        let mut index = cluster();
+        let k = index
+            .set_policy(policy(
+                "shop",
+                "bad",
+                "podSelector: {}\negress: [{rate: 20M, peers: [{podSelector: {}}, {ipBlock: {cidr: 198.18.0.1/24}}]}]\n",
+            ))
+            .unwrap();
+        let p = index.publish(&k, now()).unwrap();
+        assert_eq!(p.peer_set, None);
+        let c = &p.status.conditions[0];
+        assert_eq!(
+            (c.type_.as_str(), c.status.as_str(), c.reason.as_str()),
+            ("Accepted", "False", "Invalid")
+        );
+        assert!(c.message.contains("host bits"), "{}", c.message);
+        assert_eq!(c.last_transition_time, Time(now()));
+        // Unchanged, it keeps its transition time.
+        let mut stored = index.policy(&k).unwrap().clone();
+        stored.status = Some(p.status.clone());
+        index.set_policy(stored);
+        let later = Timestamp::from_second(2_000).unwrap();
+        let again = index.publish(&k, later).unwrap();
+        assert_eq!(again.status, p.status);
+        // A policy with only ipBlock or no peers needs no peer set.
+        let k = index
+            .set_policy(policy("shop", "cidr", "podSelector: {}\negress: [{rate: 20M}]\n"))
+            .unwrap();
+        assert_eq!(index.publish(&k, now()).unwrap().peer_set, None);
+        index.delete_policy(&k);
+        assert_eq!(index.publish(&k, now()), None);
+    }
+}

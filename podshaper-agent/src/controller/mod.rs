@@ -1,0 +1,394 @@
+//! The policy controller: one per cluster at a time (leader-elected on a Lease). It watches
+//! BandwidthPolicies, pods and namespaces, resolves each policy's podSelector and
+//! namespaceSelector peers into addresses, publishes them in a BandwidthPeerSet per policy for
+//! the agents, and writes each policy's status. It never touches a node: the agents enforce.
+pub mod index;
+pub mod lease;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod},
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+    jiff::Timestamp,
+};
+use kube::{
+    api::{DeleteParams, Patch, PatchParams},
+    runtime::{watcher, WatchStreamExt},
+    Api, Client, Resource, ResourceExt,
+};
+use tracing::{debug, info, warn};
+
+use crate::policy::{BandwidthPeerSet, BandwidthPolicy, POLICY_UID_LABEL};
+use index::{Index, Key, PodInfo};
+
+/// How often what changed is published: changes within one period go out in one write per
+/// policy, which bounds the writes a churning cluster causes (at most 10 per policy per
+/// second, whatever the number of pods that changed).
+const FLUSH_PERIOD: Duration = Duration::from_millis(100);
+/// A failed write is tried again after this.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The field manager of the controller's server-side applies.
+const MANAGER: &str = "podshaper-controller";
+
+/// How the controller runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The namespace of its Lease (the chart's).
+    pub namespace: String,
+    pub lease_name: String,
+    /// This candidate's name in the Lease (its pod's name).
+    pub identity: String,
+}
+
+/// Runs the controller until SIGTERM or SIGINT: waits for the lease, then reconciles while it
+/// holds it. Losing the lease ends it with an error (the Deployment starts it again, to
+/// campaign afresh).
+pub async fn run(opts: Options) -> Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connect to the Kubernetes API")?;
+    let shutdown = podshaper_daemon::shutdown_signal()?;
+    tokio::pin!(shutdown);
+    let elector = lease::Elector::new(client.clone(), &opts.namespace, &opts.lease_name, &opts.identity);
+    tokio::select! {
+        _ = &mut shutdown => return Ok(()),
+        held = elector.acquire() => held?,
+    }
+    let keep = elector.keep();
+    tokio::pin!(keep);
+
+    let mut policies = std::pin::pin!(watcher(
+        Api::<BandwidthPolicy>::all(client.clone()),
+        watcher::Config::default()
+    )
+    .default_backoff());
+    let mut pods = std::pin::pin!(
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).default_backoff()
+    );
+    let mut namespaces =
+        std::pin::pin!(
+            watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()).default_backoff()
+        );
+    let sets_config = watcher::Config::default().labels(POLICY_UID_LABEL);
+    let mut sets =
+        std::pin::pin!(watcher(Api::<BandwidthPeerSet>::all(client.clone()), sets_config).default_backoff());
+    let mut controller = Controller::new(client);
+    let mut flush = tokio::time::interval(FLUSH_PERIOD);
+    info!(identity = %opts.identity, "controller started");
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            lost = &mut keep => break lost.context("leadership lost"),
+            Some(e) = policies.next() => match e {
+                Ok(e) => controller.on_policy(e),
+                Err(e) => warn!(error = %e, "BandwidthPolicy watch"),
+            },
+            Some(e) = pods.next() => match e {
+                Ok(e) => controller.on_pod(e),
+                Err(e) => warn!(error = %e, "pod watch"),
+            },
+            Some(e) = namespaces.next() => match e {
+                Ok(e) => controller.on_namespace(e),
+                Err(e) => warn!(error = %e, "namespace watch"),
+            },
+            Some(e) = sets.next() => match e {
+                Ok(e) => controller.on_peer_set(e),
+                Err(e) => warn!(error = %e, "BandwidthPeerSet watch"),
+            },
+            _ = flush.tick() => controller.flush().await,
+        }
+    };
+    if let Err(e) = elector.release().await {
+        debug!(error = %e, "release the lease");
+    }
+    info!("controller stopped");
+    result
+}
+
+/// A watch's relist in progress: the keys it listed so far.
+type Listing = Option<HashSet<Key>>;
+
+/// The controller's state between events.
+struct Controller {
+    client: Client,
+    index: Index,
+    /// The peer sets as they are in the API (the controller's own writes come back here).
+    sets: BTreeMap<Key, BandwidthPeerSet>,
+    /// Policies (and peer sets) to publish at the next flush.
+    dirty: BTreeSet<Key>,
+    /// Writes that failed, tried again after RETRY_AFTER.
+    failed: BTreeMap<Key, tokio::time::Instant>,
+    listings: [Listing; 4],
+    /// Which watches listed once: nothing is published before all four have, so a partial
+    /// list never shrinks a set.
+    listed: [bool; 4],
+}
+
+const POLICIES: usize = 0;
+const PODS: usize = 1;
+const NAMESPACES: usize = 2;
+const SETS: usize = 3;
+
+impl Controller {
+    fn new(client: Client) -> Self {
+        Self {
+            client,
+            index: Index::default(),
+            sets: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            failed: BTreeMap::new(),
+            listings: Default::default(),
+            listed: [false; 4],
+        }
+    }
+
+    /// Every policy is to be published again: something any selector may read changed.
+    fn all_dirty(&mut self) {
+        self.dirty.extend(self.index.policy_keys());
+    }
+
+    /// The common steps of a watch event: tracks a relist, and at its end returns the keys
+    /// it did not list (gone while the watch was down).
+    fn track(&mut self, which: usize, event: &watcher::Event<impl Resource>, known: Vec<Key>) -> Vec<Key> {
+        match event {
+            watcher::Event::Init => self.listings[which] = Some(HashSet::new()),
+            watcher::Event::InitApply(o) => {
+                if let Some(l) = self.listings[which].as_mut() {
+                    // Cluster-scoped objects (namespaces) are keyed with an empty namespace.
+                    let meta = o.meta();
+                    l.insert((
+                        meta.namespace.clone().unwrap_or_default(),
+                        meta.name.clone().unwrap_or_default(),
+                    ));
+                }
+            }
+            watcher::Event::InitDone => {
+                self.listed[which] = true;
+                if let Some(listed) = self.listings[which].take() {
+                    return known.into_iter().filter(|k| !listed.contains(k)).collect();
+                }
+            }
+            _ => {}
+        }
+        Vec::new()
+    }
+
+    fn on_policy(&mut self, event: watcher::Event<BandwidthPolicy>) {
+        let gone = self.track(POLICIES, &event, self.index.policy_keys());
+        for key in gone {
+            self.index.delete_policy(&key);
+            self.dirty.insert(key);
+        }
+        match event {
+            watcher::Event::InitApply(p) | watcher::Event::Apply(p) => {
+                if let Some(key) = self.index.set_policy(p) {
+                    self.dirty.insert(key);
+                }
+            }
+            watcher::Event::Delete(p) => {
+                if let Some(ns) = p.namespace() {
+                    let key = (ns, p.name_any());
+                    self.index.delete_policy(&key);
+                    self.dirty.insert(key);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_pod(&mut self, event: watcher::Event<Pod>) {
+        let gone = self.track(PODS, &event, self.index.pod_keys());
+        let mut changed = !gone.is_empty();
+        for (ns, name) in gone {
+            self.index.delete_pod(&ns, &name);
+        }
+        match event {
+            watcher::Event::InitApply(p) | watcher::Event::Apply(p) => {
+                if let Some((ns, name, info)) = PodInfo::of(&p) {
+                    changed |= self.index.set_pod(ns, name, info);
+                }
+            }
+            watcher::Event::Delete(p) => {
+                if let Some(ns) = p.namespace() {
+                    changed |= self.index.delete_pod(&ns, &p.name_any());
+                }
+            }
+            _ => {}
+        }
+        if changed {
+            self.all_dirty();
+        }
+    }
+
+    fn on_namespace(&mut self, event: watcher::Event<Namespace>) {
+        let known = self
+            .index
+            .namespace_names()
+            .into_iter()
+            .map(|n| (String::new(), n))
+            .collect();
+        let gone = self.track(NAMESPACES, &event, known);
+        let mut changed = false;
+        for (_, name) in gone {
+            changed |= self.index.delete_namespace(&name);
+        }
+        match event {
+            watcher::Event::InitApply(n) | watcher::Event::Apply(n) => {
+                changed |= self.index.set_namespace(n.name_any(), n.labels().clone());
+            }
+            watcher::Event::Delete(n) => changed |= self.index.delete_namespace(&n.name_any()),
+            _ => {}
+        }
+        if changed {
+            self.all_dirty();
+        }
+    }
+
+    fn on_peer_set(&mut self, event: watcher::Event<BandwidthPeerSet>) {
+        let gone = self.track(SETS, &event, self.sets.keys().cloned().collect());
+        for key in gone {
+            self.sets.remove(&key);
+        }
+        match event {
+            watcher::Event::InitApply(s) | watcher::Event::Apply(s) => {
+                if let Some(ns) = s.namespace() {
+                    let key = (ns, s.name_any());
+                    // One the controller did not write as it is now (an older controller's, or
+                    // edited by hand, or of a policy gone while no controller ran): looked at.
+                    self.dirty.insert(key.clone());
+                    self.sets.insert(key, s);
+                }
+            }
+            watcher::Event::Delete(s) => {
+                if let Some(ns) = s.namespace() {
+                    let key = (ns, s.name_any());
+                    self.sets.remove(&key);
+                    self.dirty.insert(key);
+                }
+            }
+            watcher::Event::InitDone => {
+                let keys: Vec<Key> = self.sets.keys().cloned().collect();
+                self.dirty.extend(keys);
+            }
+            watcher::Event::Init => {}
+        }
+    }
+
+    /// Publishes every dirty policy: its peer set (created, changed or deleted) and its status,
+    /// each written only when it differs from what the API has.
+    async fn flush(&mut self) {
+        if !self.listed.iter().all(|l| *l) || self.listings.iter().any(Option::is_some) {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let due: Vec<Key> = self
+            .failed
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            self.failed.remove(&key);
+            self.dirty.insert(key);
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        for key in dirty {
+            if self.failed.contains_key(&key) {
+                continue;
+            }
+            if let Err(e) = self.publish(&key).await {
+                warn!(policy = %format!("{}/{}", key.0, key.1), error = %e, "publish");
+                self.failed.insert(key, now + RETRY_AFTER);
+            }
+        }
+    }
+
+    async fn publish(&mut self, key: &Key) -> Result<()> {
+        let (namespace, name) = key;
+        let sets: Api<BandwidthPeerSet> = Api::namespaced(self.client.clone(), namespace);
+        let Some(published) = self.index.publish(key, Timestamp::now()) else {
+            // The policy is gone: so goes its set (its owner reference does that too where a
+            // garbage collector runs).
+            if self.sets.contains_key(key) {
+                delete(&sets, name).await?;
+                info!(policy = %format!("{namespace}/{name}"), "peer set deleted with its policy");
+            }
+            return Ok(());
+        };
+        let Some(policy) = self.index.policy(key).cloned() else {
+            return Ok(());
+        };
+        match published.peer_set {
+            Some(spec) => {
+                let current = self.sets.get(key);
+                if current.map(|s| &s.spec) != Some(&spec) {
+                    let mut set = BandwidthPeerSet::new(name, spec);
+                    set.metadata.namespace = Some(namespace.clone());
+                    set.metadata.labels = Some(
+                        [
+                            (POLICY_UID_LABEL.to_string(), set.spec.policy_uid.clone()),
+                            ("app.kubernetes.io/managed-by".to_string(), MANAGER.to_string()),
+                        ]
+                        .into(),
+                    );
+                    set.metadata.owner_references = Some(vec![owner(&policy)]);
+                    let count: usize = set
+                        .spec
+                        .egress
+                        .iter()
+                        .chain(&set.spec.ingress)
+                        .map(|r| r.addresses.len())
+                        .sum();
+                    sets.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&set))
+                        .await
+                        .context("apply the peer set")?;
+                    info!(policy = %format!("{namespace}/{name}"), addresses = count, "peer set published");
+                }
+            }
+            None if self.sets.contains_key(key) => {
+                delete(&sets, name).await?;
+            }
+            None => {}
+        }
+        if policy.status.as_ref() != Some(&published.status) {
+            let policies: Api<BandwidthPolicy> = Api::namespaced(self.client.clone(), namespace);
+            let patch = serde_json::json!({ "status": published.status });
+            match policies
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {}
+                // Deleted meanwhile: its Delete event follows.
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e).context("write the status"),
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn delete(sets: &Api<BandwidthPeerSet>, name: &str) -> Result<()> {
+    match sets.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e).context("delete the peer set"),
+    }
+}
+
+/// The owner reference of a peer set: its policy, so a garbage collector deletes it with it.
+fn owner(policy: &BandwidthPolicy) -> OwnerReference {
+    OwnerReference {
+        api_version: BandwidthPolicy::api_version(&()).into(),
+        kind: BandwidthPolicy::kind(&()).into(),
+        name: policy.name_any(),
+        uid: policy.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }
+}
