@@ -1,7 +1,9 @@
-//! A Service stand-in on a [`NetnsPair`]: an address that clients in namespace B reach the pod
-//! in A through, DNAT'ed as kube-proxy does. The route sends it out of B's veth (the socket
-//! picks its route before the DNAT) and iptables' nat OUTPUT rewrites it to A's address, so
-//! the client's socket has the Service address as its peer, never the pod's.
+//! Service stand-ins on a [`NetnsPair`], DNAT'ed as kube-proxy does. [`add`]: an address that
+//! clients in namespace B reach the pod in A through: the route sends it out of B's veth (the
+//! socket picks its route before the DNAT) and iptables' nat OUTPUT rewrites it to A's address,
+//! so the client's socket has the Service address as its peer, never the pod's. [`add_for_a`]:
+//! an address that the pod in A reaches one of B's addresses through, translated on B's side
+//! of the veth (the node, where kube-proxy's rules are), after the pod's hooks saw it.
 use std::net::Ipv4Addr;
 
 use crate::{Error, NetnsPair};
@@ -33,4 +35,38 @@ pub fn add(pair: &NetnsPair) -> Result<Ipv4Addr, Error> {
         ],
     )?;
     Ok(vip)
+}
+
+/// Routes `vip` out of A's veth and DNATs it in B's nat PREROUTING to `backend` (one of B's
+/// addresses) for TCP: A's socket and cgroup see only `vip`, as a pod's do with a ClusterIP.
+/// Gone with the namespaces. Needs iptables (`make deps`).
+pub fn add_for_a(pair: &NetnsPair, vip: Ipv4Addr, backend: Ipv4Addr) -> Result<(), Error> {
+    // Via B, as a pod's default route goes via the node: B answers for the next hop.
+    pair.a().ip(&[
+        "route",
+        "add",
+        &format!("{vip}/32"),
+        "via",
+        &NetnsPair::B_V4.to_string(),
+        "dev",
+        pair.veth_a(),
+    ])?;
+    pair.b().run(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            &vip.to_string(),
+            "-p",
+            "tcp",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &backend.to_string(),
+        ],
+    )?;
+    Ok(())
 }

@@ -1488,6 +1488,39 @@ async fn a_bandwidth_policy_caps_traffic_to_pods_by_selector_live() {
     let left = flows_from(&pair, &[(&pod, web_ip)], false, 3)[0];
     assert!(left > 3.0 * 20.0 * M as f64, "released: {:.1} Mbit/s", left / 1e6);
 
+    // Through Services, DNAT'ed on the node side after the pod's hooks saw the ClusterIP:
+    // the db Service (its one endpoint the db pod) is a peer, the web Service is not.
+    let (db_vip, web_vip) = (
+        std::net::Ipv4Addr::new(198, 19, 255, 20),
+        std::net::Ipv4Addr::new(198, 19, 255, 21),
+    );
+    for (name, vip, backend) in [
+        ("db", db_vip, NetnsPair::B2_V4),
+        ("web", web_vip, NetnsPair::B_V4),
+    ] {
+        service_with_endpoint(&cluster, name, vip, backend).await;
+        podshaper_testbed::service::add_for_a(&pair, vip, backend).unwrap();
+    }
+    let took = wait_prefixes(&agent, bound[0], 2, Duration::from_secs(5));
+    eprintln!("db Service address enforced {took:?} after its EndpointSlice was created");
+    let rates = flows_from(
+        &pair,
+        &[(&pod, IpAddr::V4(db_vip)), (&pod, IpAddr::V4(web_vip))],
+        false,
+        4,
+    );
+    eprintln!(
+        "through the db Service {:.3} of 20M, through the web Service {:.0} Mbit/s",
+        rates[0] / (20 * M) as f64,
+        rates[1] / 1e6
+    );
+    assert_near("egress through the db Service", rates[0], 20 * M);
+    assert!(
+        rates[1] > 3.0 * 20.0 * M as f64,
+        "web Service: {:.1} Mbit/s",
+        rates[1] / 1e6
+    );
+
     // Invalid: the condition says why, nothing changes on the node.
     create_policy(
         &cluster,
@@ -1593,4 +1626,42 @@ async fn the_policy_controller_fails_over_and_enforcement_never_depends_on_it() 
     assert!(took < Duration::from_secs(5), "handover took {took:?}");
     remote.label(NS, "web", &[("app", Some("web"))]).await.unwrap();
     wait_prefixes(&agent, rule, 1, Duration::from_secs(5));
+}
+
+/// A Service `name` of NS at ClusterIP `vip` with one EndpointSlice whose one endpoint is pod
+/// `name` at `backend` (no controller-manager runs here to make it).
+async fn service_with_endpoint(
+    cluster: &Cluster,
+    name: &str,
+    vip: std::net::Ipv4Addr,
+    backend: std::net::Ipv4Addr,
+) {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    let service: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"clusterIP": vip.to_string(), "ports": [{"port": 5201, "protocol": "TCP"}]},
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(cluster.admin.clone(), NS)
+        .create(&kube::api::PostParams::default(), &service)
+        .await
+        .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": format!("{name}-1"),
+            "namespace": NS,
+            "labels": {"kubernetes.io/service-name": name},
+        },
+        "addressType": "IPv4",
+        "endpoints": [{
+            "addresses": [backend.to_string()],
+            "targetRef": {"kind": "Pod", "namespace": NS, "name": name},
+        }],
+        "ports": [{"port": 5201, "protocol": "TCP"}],
+    }))
+    .unwrap();
+    Api::<EndpointSlice>::namespaced(cluster.admin.clone(), NS)
+        .create(&kube::api::PostParams::default(), &slice)
+        .await
+        .unwrap();
 }

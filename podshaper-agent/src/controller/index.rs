@@ -1,14 +1,18 @@
-//! The controller's in-memory index: namespaces, pods and policies as the watches report them,
-//! and from them what to publish for each policy: the addresses of its pod peers (the
-//! BandwidthPeerSet agents read) and its status. Pure: the controller's loop feeds it and
-//! writes what it answers; tested here in milliseconds.
+//! The controller's in-memory index: namespaces, pods, Services, EndpointSlices and policies as
+//! the watches report them, and from them what to publish for each policy: the addresses of its
+//! pod peers and of the Services in front of them (the BandwidthPeerSet agents read) and its
+//! status. Pure: the controller's loop feeds it and writes what it answers; tested here in
+//! milliseconds.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
 use k8s_openapi::{
-    api::core::v1::Pod,
+    api::{
+        core::v1::{Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time},
     jiff::Timestamp,
 };
@@ -73,6 +77,53 @@ impl PodInfo {
     }
 }
 
+/// The endpoints of one EndpointSlice: its Service, and each endpoint's pod (none for an
+/// endpoint that is not a pod's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub service: String,
+    pub pods: Vec<Option<Key>>,
+}
+
+impl SliceInfo {
+    /// The slice's namespace, name and what the index keeps of it; none for a slice of no
+    /// Service.
+    pub fn of(slice: &EndpointSlice) -> Option<(String, String, Self)> {
+        let service = slice.labels().get("kubernetes.io/service-name")?.clone();
+        let namespace = slice.namespace()?;
+        let pods = slice
+            .endpoints
+            .iter()
+            .map(|e| {
+                e.target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| {
+                        Some((
+                            r.namespace.clone().unwrap_or_else(|| namespace.clone()),
+                            r.name.clone()?,
+                        ))
+                    })
+            })
+            .collect();
+        Some((namespace, slice.name_any(), Self { service, pods }))
+    }
+}
+
+/// A Service's ClusterIPs (none for a headless or ExternalName one).
+pub fn cluster_ips(service: &Service) -> Vec<IpAddr> {
+    let spec = service.spec.as_ref();
+    spec.and_then(|s| {
+        s.cluster_ips
+            .clone()
+            .or_else(|| s.cluster_ip.clone().map(|ip| vec![ip]))
+    })
+    .into_iter()
+    .flatten()
+    .filter_map(|ip| ip.parse().ok())
+    .collect()
+}
+
 /// A pod holding an address: its age (see [`PodInfo::age`]), namespace and name.
 type Holder = ((i64, String), String, String);
 
@@ -83,6 +134,10 @@ pub struct Index {
     pods: BTreeMap<String, BTreeMap<String, PodInfo>>,
     /// The addressable pods holding each address, oldest first: the last one owns it.
     holders: HashMap<IpAddr, BTreeSet<Holder>>,
+    /// Services' ClusterIPs, by namespace and name.
+    services: BTreeMap<Key, Vec<IpAddr>>,
+    /// EndpointSlices, by namespace and name.
+    slices: BTreeMap<Key, SliceInfo>,
     policies: BTreeMap<Key, BandwidthPolicy>,
 }
 
@@ -148,6 +203,31 @@ impl Index {
             }
         }
         true
+    }
+
+    /// Adds or changes a Service's ClusterIPs; whether that changed anything.
+    pub fn set_service(&mut self, key: Key, ips: Vec<IpAddr>) -> bool {
+        self.services.insert(key, ips.clone()) != Some(ips)
+    }
+
+    pub fn delete_service(&mut self, key: &Key) -> bool {
+        self.services.remove(key).is_some()
+    }
+
+    pub fn service_keys(&self) -> Vec<Key> {
+        self.services.keys().cloned().collect()
+    }
+
+    pub fn set_slice(&mut self, key: Key, slice: SliceInfo) -> bool {
+        self.slices.insert(key, slice.clone()) != Some(slice)
+    }
+
+    pub fn delete_slice(&mut self, key: &Key) -> bool {
+        self.slices.remove(key).is_some()
+    }
+
+    pub fn slice_keys(&self) -> Vec<Key> {
+        self.slices.keys().cloned().collect()
     }
 
     /// Every pod, by namespace and name.
@@ -255,9 +335,12 @@ impl Index {
 
     /// The addresses of the pods the selector peers pick, as NetworkPolicy reads them: a
     /// podSelector alone picks pods of the policy's namespace; a namespaceSelector picks
-    /// namespaces, and with a podSelector only those pods in them. Sorted.
+    /// namespaces, and with a podSelector only those pods in them. And the ClusterIPs of the
+    /// Services all of whose endpoints are such pods: a client's socket and its cgroup's hooks
+    /// see the Service's address, the node translates it after them. Sorted.
     fn resolve(&self, namespace: &str, peers: &[crate::policy::Peer]) -> ResolvedPeers {
         let mut addresses: BTreeSet<IpAddr> = BTreeSet::new();
+        let mut picked: BTreeSet<(&str, &str)> = BTreeSet::new();
         for peer in peers.iter().filter(|p| p.ip_block.is_none()) {
             let pods = match &peer.pod_selector {
                 Some(s) => selector(s),
@@ -281,6 +364,7 @@ impl Index {
                     if !pod.addressable() || !pods.matches(&pod.labels) {
                         continue;
                     }
+                    picked.insert((ns, name.as_str()));
                     for ip in &pod.ips {
                         if self.owner(ip) == Some((ns, name.as_str())) {
                             addresses.insert(*ip);
@@ -289,9 +373,38 @@ impl Index {
                 }
             }
         }
+        addresses.extend(self.services_of(&picked));
         ResolvedPeers {
             addresses: addresses.iter().map(IpAddr::to_string).collect(),
         }
+    }
+
+    /// The ClusterIPs of the Services with at least one endpoint, every endpoint a pod in
+    /// `picked`. A Service with one endpoint elsewhere (or not a pod) is not: its address
+    /// reaches pods no rule names as well.
+    fn services_of(&self, picked: &BTreeSet<(&str, &str)>) -> Vec<IpAddr> {
+        if picked.is_empty() {
+            return Vec::new();
+        }
+        let mut endpoints: BTreeMap<(&str, &str), (usize, bool)> = BTreeMap::new();
+        for ((ns, _), slice) in &self.slices {
+            let e = endpoints
+                .entry((ns.as_str(), slice.service.as_str()))
+                .or_insert((0, true));
+            for pod in &slice.pods {
+                e.0 += 1;
+                e.1 &= pod
+                    .as_ref()
+                    .is_some_and(|(pns, pname)| picked.contains(&(pns.as_str(), pname.as_str())));
+            }
+        }
+        endpoints
+            .into_iter()
+            .filter(|(_, (count, all))| *count > 0 && *all)
+            .filter_map(|((ns, name), _)| self.services.get(&(ns.to_string(), name.to_string())))
+            .flatten()
+            .copied()
+            .collect()
     }
 
     /// The pod that has an address now: the newest live one holding it.
@@ -466,6 +579,32 @@ mod tests {
         host.host_network = true;
         index.set_pod("shop".into(), "host".into(), host);
         assert!(egress(&index, &k, 0).is_empty());
+    }
+
+    #[test]
+    fn a_service_counts_when_all_its_endpoints_are_peers() {
+        let mut index = cluster();
+        let k = to_db(&mut index);
+        let key = |n: &str| ("shop".to_string(), n.to_string());
+        let slice = |pods: &[Option<&str>]| SliceInfo {
+            service: "db".into(),
+            pods: pods.iter().map(|p| p.map(key)).collect(),
+        };
+        index.set_service(key("db"), vec!["198.19.0.10".parse().unwrap()]);
+        // No endpoint yet: not a peer.
+        assert_eq!(egress(&index, &k, 0), ["198.18.1.2", "2001:2::12"]);
+        index.set_slice(key("db-1"), slice(&[Some("db")]));
+        assert_eq!(egress(&index, &k, 0), ["198.18.1.2", "198.19.0.10", "2001:2::12"]);
+        // Another slice of it reaches the web pod: the Service is not a peer any more.
+        index.set_slice(key("db-2"), slice(&[Some("web")]));
+        assert_eq!(egress(&index, &k, 0), ["198.18.1.2", "2001:2::12"]);
+        // An endpoint that is not a pod: not either.
+        index.set_slice(key("db-2"), slice(&[None]));
+        assert_eq!(egress(&index, &k, 0), ["198.18.1.2", "2001:2::12"]);
+        index.delete_slice(&key("db-2"));
+        assert_eq!(egress(&index, &k, 0), ["198.18.1.2", "198.19.0.10", "2001:2::12"]);
+        index.delete_service(&key("db"));
+        assert_eq!(egress(&index, &k, 0), ["198.18.1.2", "2001:2::12"]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The policy controller: one per cluster at a time (leader-elected on a Lease). It watches
-//! BandwidthPolicies, pods and namespaces, resolves each policy's podSelector and
-//! namespaceSelector peers into addresses, publishes them in a BandwidthPeerSet per policy for
+//! BandwidthPolicies, pods, namespaces, Services and EndpointSlices, resolves each policy's
+//! podSelector and namespaceSelector peers into addresses (the pods', and the ClusterIPs of the
+//! Services in front of only such pods), publishes them in a BandwidthPeerSet per policy for
 //! the agents, and writes each policy's status. It never touches a node: the agents enforce.
 pub mod index;
 pub mod lease;
@@ -13,7 +14,10 @@ use std::{
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::{
-    api::core::v1::{Namespace, Pod},
+    api::{
+        core::v1::{Namespace, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::OwnerReference,
     jiff::Timestamp,
 };
@@ -25,7 +29,7 @@ use kube::{
 use tracing::{debug, info, warn};
 
 use crate::policy::{BandwidthPeerSet, BandwidthPolicy, POLICY_UID_LABEL};
-use index::{Index, Key, PodInfo};
+use index::{Index, Key, PodInfo, SliceInfo};
 
 /// How often what changed is published: changes within one period go out in one write per
 /// policy, which bounds the writes a churning cluster causes (at most 10 per policy per
@@ -75,6 +79,15 @@ pub async fn run(opts: Options) -> Result<()> {
         std::pin::pin!(
             watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()).default_backoff()
         );
+    let mut services =
+        std::pin::pin!(
+            watcher(Api::<Service>::all(client.clone()), watcher::Config::default()).default_backoff()
+        );
+    let mut slices = std::pin::pin!(watcher(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default()
+    )
+    .default_backoff());
     let sets_config = watcher::Config::default().labels(POLICY_UID_LABEL);
     let mut sets =
         std::pin::pin!(watcher(Api::<BandwidthPeerSet>::all(client.clone()), sets_config).default_backoff());
@@ -101,6 +114,14 @@ pub async fn run(opts: Options) -> Result<()> {
                 Ok(e) => controller.on_peer_set(e),
                 Err(e) => warn!(error = %e, "BandwidthPeerSet watch"),
             },
+            Some(e) = services.next() => match e {
+                Ok(e) => controller.on_service(e),
+                Err(e) => warn!(error = %e, "Service watch"),
+            },
+            Some(e) = slices.next() => match e {
+                Ok(e) => controller.on_slice(e),
+                Err(e) => warn!(error = %e, "EndpointSlice watch"),
+            },
             _ = flush.tick() => controller.flush().await,
         }
     };
@@ -124,16 +145,19 @@ struct Controller {
     dirty: BTreeSet<Key>,
     /// Writes that failed, tried again after RETRY_AFTER.
     failed: BTreeMap<Key, tokio::time::Instant>,
-    listings: [Listing; 4],
-    /// Which watches listed once: nothing is published before all four have, so a partial
-    /// list never shrinks a set.
-    listed: [bool; 4],
+    listings: [Listing; WATCHES],
+    /// Which watches listed once: nothing is published before all have, so a partial list
+    /// never shrinks a set.
+    listed: [bool; WATCHES],
 }
 
 const POLICIES: usize = 0;
 const PODS: usize = 1;
 const NAMESPACES: usize = 2;
 const SETS: usize = 3;
+const SERVICES: usize = 4;
+const SLICES: usize = 5;
+const WATCHES: usize = 6;
 
 impl Controller {
     fn new(client: Client) -> Self {
@@ -144,7 +168,7 @@ impl Controller {
             dirty: BTreeSet::new(),
             failed: BTreeMap::new(),
             listings: Default::default(),
-            listed: [false; 4],
+            listed: [false; WATCHES],
         }
     }
 
@@ -243,6 +267,54 @@ impl Controller {
                 changed |= self.index.set_namespace(n.name_any(), n.labels().clone());
             }
             watcher::Event::Delete(n) => changed |= self.index.delete_namespace(&n.name_any()),
+            _ => {}
+        }
+        if changed {
+            self.all_dirty();
+        }
+    }
+
+    fn on_service(&mut self, event: watcher::Event<Service>) {
+        let gone = self.track(SERVICES, &event, self.index.service_keys());
+        let mut changed = false;
+        for key in gone {
+            changed |= self.index.delete_service(&key);
+        }
+        match event {
+            watcher::Event::InitApply(s) | watcher::Event::Apply(s) => {
+                if let Some(ns) = s.namespace() {
+                    changed |= self.index.set_service((ns, s.name_any()), index::cluster_ips(&s));
+                }
+            }
+            watcher::Event::Delete(s) => {
+                if let Some(ns) = s.namespace() {
+                    changed |= self.index.delete_service(&(ns, s.name_any()));
+                }
+            }
+            _ => {}
+        }
+        if changed {
+            self.all_dirty();
+        }
+    }
+
+    fn on_slice(&mut self, event: watcher::Event<EndpointSlice>) {
+        let gone = self.track(SLICES, &event, self.index.slice_keys());
+        let mut changed = false;
+        for key in gone {
+            changed |= self.index.delete_slice(&key);
+        }
+        match event {
+            watcher::Event::InitApply(s) | watcher::Event::Apply(s) => {
+                if let Some((ns, name, info)) = SliceInfo::of(&s) {
+                    changed |= self.index.set_slice((ns, name), info);
+                }
+            }
+            watcher::Event::Delete(s) => {
+                if let Some(ns) = s.namespace() {
+                    changed |= self.index.delete_slice(&(ns, s.name_any()));
+                }
+            }
             _ => {}
         }
         if changed {
