@@ -15,7 +15,7 @@ use kube::{
     core::{Selector, SelectorExt},
     ResourceExt,
 };
-use podshaper_api::{peers::MAX_NAME_LEN, Direction, IpBlock, PeerRule};
+use podshaper_api::{peers::MAX_NAME_LEN, Direction, IpBlock, PeerRule, Rate};
 
 use crate::policy::{BandwidthPeerSet, BandwidthPeerSetSpec, BandwidthPolicy, Scope, MAX_RULES};
 
@@ -29,6 +29,8 @@ type Key = (String, String);
 /// The policies the agent knows and the peer sets it watches, compiled to node rules.
 #[derive(Debug, Default)]
 pub struct Policies {
+    /// This node's name: its part of a Shared policy's rates is the one named so.
+    node: String,
     raw: BTreeMap<Key, BandwidthPolicy>,
     sets: BTreeMap<Key, BandwidthPeerSetSpec>,
     by_key: BTreeMap<Key, Compiled>,
@@ -39,8 +41,28 @@ struct Compiled {
     /// None: the policy is invalid and binds nothing.
     selector: Option<Selector>,
     rules: Vec<PeerRule>,
-    /// The policy's uid when some rule has selector peers: the peer set to watch.
+    /// The policy's uid when some rule has selector peers or it is Shared: the peer set to
+    /// watch.
     needs_set: Option<String>,
+    /// A Shared policy with its set: what the node reports of it.
+    shared: Option<SharedPolicy>,
+}
+
+/// A Shared policy's rules as this node holds them, for the agent's demand report: per
+/// direction, in the policy's rule order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedPolicy {
+    pub key: Key,
+    pub egress: Vec<SharedRule>,
+    pub ingress: Vec<SharedRule>,
+}
+
+/// One rule of a Shared policy: its node rule's name, the policy's rate and this node's part.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedRule {
+    pub name: String,
+    pub rate: u64,
+    pub part: u64,
 }
 
 /// What compiling a policy found worth telling: why it binds nothing, or which of its rules
@@ -60,6 +82,19 @@ pub enum PodRules<'a> {
 }
 
 impl Policies {
+    /// No policies yet, for the agent of `node`.
+    pub fn on_node(node: &str) -> Self {
+        Self {
+            node: node.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The Shared policies with a peer set, as this node holds them.
+    pub fn shared(&self) -> Vec<&SharedPolicy> {
+        self.by_key.values().filter_map(|c| c.shared.as_ref()).collect()
+    }
+
     /// Adds or replaces a policy; what the agent should say of it.
     pub fn apply(&mut self, policy: &BandwidthPolicy) -> Notes {
         let Some(key) = key_of(policy) else {
@@ -141,7 +176,7 @@ impl Policies {
         let Some(policy) = self.raw.get(key) else {
             return Notes::default();
         };
-        let (compiled, notes) = compile(&key.0, &key.1, policy, self.sets.get(key));
+        let (compiled, notes) = compile(key, policy, self.sets.get(key), &self.node);
         self.by_key.insert(key.clone(), compiled);
         notes
     }
@@ -202,17 +237,19 @@ fn key_of(policy: &BandwidthPolicy) -> Option<Key> {
 }
 
 fn compile(
-    namespace: &str,
-    name: &str,
+    key: &Key,
     policy: &BandwidthPolicy,
     set: Option<&BandwidthPeerSetSpec>,
+    node: &str,
 ) -> (Compiled, Notes) {
+    let (namespace, name) = (key.0.as_str(), key.1.as_str());
     let mut notes = Notes::default();
     let invalid = |why: Vec<String>| {
         let compiled = Compiled {
             selector: None,
             rules: Vec::new(),
             needs_set: None,
+            shared: None,
         };
         let notes = Notes {
             invalid: why,
@@ -233,9 +270,39 @@ fn compile(
     // A set is this policy's only if it names its uid (not one of a deleted namesake).
     let set = set.filter(|s| uid.as_deref() == Some(s.policy_uid.as_str()));
     let shared = policy.spec.scope == Scope::Shared;
-    let mut needs_set = false;
+    // This node's part of each rule's rate, once the controller split it.
+    let share = set.and_then(|s| s.shares.iter().find(|n| n.node == node));
+    let part = |direction: Direction, index: usize| {
+        share
+            .and_then(|s| match direction {
+                Direction::Egress => s.egress.get(index),
+                Direction::Ingress => s.ingress.get(index),
+            })
+            .and_then(|bps| Rate::from_bps(*bps).ok())
+    };
+    let mut needs_set = shared;
+    let mut report = SharedPolicy {
+        key: key.clone(),
+        egress: Vec::new(),
+        ingress: Vec::new(),
+    };
     let mut rules = Vec::new();
     for rule in checked {
+        let rate = match part(rule.direction, rule.index) {
+            Some(p) if shared => p,
+            _ => rule.rate,
+        };
+        if shared {
+            let list = match rule.direction {
+                Direction::Egress => &mut report.egress,
+                Direction::Ingress => &mut report.ingress,
+            };
+            list.push(SharedRule {
+                name: rule_name(namespace, name, rule.direction, rule.index),
+                rate: rule.rate.bps(),
+                part: rate.bps(),
+            });
+        }
         let at = format!("{}[{}]", rule.direction, rule.index);
         let mut blocks = rule.blocks;
         if !rule.selector_peers.is_empty() {
@@ -276,7 +343,7 @@ fn compile(
         rules.push(PeerRule {
             name: rule_name(namespace, name, rule.direction, rule.index),
             direction: rule.direction,
-            rate: rule.rate,
+            rate,
             shared,
             peers: blocks,
         });
@@ -285,6 +352,7 @@ fn compile(
         selector: Some(selector),
         rules,
         needs_set: uid.filter(|_| needs_set),
+        shared: (shared && set.is_some()).then_some(report),
     };
     (compiled, notes)
 }
@@ -426,10 +494,54 @@ mod tests {
                 addresses: addresses.iter().map(|a| a.to_string()).collect(),
             }],
             ingress: Vec::new(),
+            shares: Vec::new(),
         };
         let mut set = BandwidthPeerSet::new(name, spec);
         set.metadata.namespace = Some(ns.into());
         set
+    }
+
+    #[test]
+    fn a_shared_policy_holds_this_nodes_part_once_the_controller_split_it() {
+        let mut p = Policies::on_node("node-a");
+        p.apply(&policy(
+            "shop",
+            "total",
+            "podSelector: {}\nscope: Shared\negress: [{rate: 30M}]\n",
+        ));
+        // Applied at the whole rate before any split, and the node watches the set.
+        assert_eq!(bound(&p, "shop", &[])[0].rate.to_string(), "30M");
+        let labels = labels(&[]);
+        assert_eq!(p.wanted_sets([("shop", &labels)].into_iter()).len(), 1);
+        assert!(p.shared().is_empty(), "nothing to report to without a set");
+        let mut set = peer_set("shop", "total", "uid-total", &[]);
+        set.spec.egress.clear();
+        set.spec.shares = vec![
+            crate::policy::NodeShare {
+                node: "node-b".into(),
+                egress: vec![20_000_000],
+                ingress: Vec::new(),
+            },
+            crate::policy::NodeShare {
+                node: "node-a".into(),
+                egress: vec![10_000_000],
+                ingress: Vec::new(),
+            },
+        ];
+        p.apply_set(&set);
+        let rules = bound(&p, "shop", &[]);
+        assert_eq!(rules[0].rate.to_string(), "10M");
+        assert!(rules[0].shared);
+        let shared = p.shared();
+        assert_eq!(shared.len(), 1);
+        assert_eq!(
+            shared[0].egress,
+            [SharedRule {
+                name: "bwp:shop/total:egress0".into(),
+                rate: 30_000_000,
+                part: 10_000_000
+            }]
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod podcgroup;
 pub mod policy;
 mod reconcile;
+pub mod share;
 mod uninstall;
 
 use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
@@ -95,6 +96,7 @@ pub async fn run(opts: Options) -> Result<()> {
         instance: Some(opts.node_name.clone()),
     };
     let settings = Settings {
+        node: opts.node_name.clone(),
         max_rate: opts.max_rate,
         driver: opts.driver,
         own_pod: opts.own_pod.clone(),

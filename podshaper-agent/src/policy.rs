@@ -147,6 +147,7 @@ pub struct BandwidthPolicyStatus {
     kind = "BandwidthPeerSet",
     plural = "bandwidthpeersets",
     namespaced,
+    status = "BandwidthPeerSetStatus",
     doc = "The resolved pod addresses of a BandwidthPolicy's peers, written by the podshaper controller for its agents (not for people to edit)."
 )]
 #[serde(rename_all = "camelCase")]
@@ -162,6 +163,50 @@ pub struct BandwidthPeerSetSpec {
     /// The same for ingress.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ingress: Vec<ResolvedPeers>,
+    /// For a Shared policy: each node's part of each rule's rate, split by the nodes' demand.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
+    pub shares: Vec<NodeShare>,
+}
+
+/// One node's part of a Shared policy's rates.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct NodeShare {
+    pub node: String,
+    /// Bits/s per egress rule of the policy, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<u64>,
+    /// Bits/s per ingress rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<u64>,
+}
+
+/// What the agents report of a Shared policy: each node's use of its part. Each agent writes
+/// its own entry (server-side apply, its own field manager), at most once per 10 s.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct BandwidthPeerSetStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
+    pub nodes: Vec<NodeDemand>,
+}
+
+/// One node's use of a Shared policy's rules.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct NodeDemand {
+    pub node: String,
+    /// Per egress rule of the policy, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<RuleDemand>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<RuleDemand>,
+}
+
+/// A node's use of one rule: what it sent or received (bits/s, averaged), and whether that
+/// filled its part (it would take more).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct RuleDemand {
+    pub bps: u64,
+    pub saturated: bool,
 }
 
 /// The addresses (IPv4 or IPv6, no prefix) of one rule's pod peers.

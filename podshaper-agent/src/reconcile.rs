@@ -28,11 +28,12 @@ use tracing::{debug, info, warn};
 
 use crate::{
     annotations,
-    bindings::{self, Notes, PodRules, Policies, RULE_PREFIX},
+    bindings::{self, Notes, PodRules, Policies, SharedPolicy, RULE_PREFIX},
     decide::{self, Decision, InForce, Known, Wanted, REPORT_MISSING_AFTER},
     metrics::{Metrics, PodLabels, PodSample},
     podcgroup::{self, Driver, Qos},
-    policy::{BandwidthPeerSet, BandwidthPolicy},
+    policy::{BandwidthPeerSet, BandwidthPolicy, NodeDemand, RuleDemand},
+    share,
 };
 
 /// What the agent needs to know of a pod.
@@ -106,6 +107,8 @@ impl Tracked {
 /// Settings of the reconciler.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    /// This node's name.
+    pub node: String,
     pub max_rate: Option<Rate>,
     pub driver: Driver,
     /// The agent's own pod (namespace, name): where the uninstall signal arrives.
@@ -140,6 +143,8 @@ pub struct Reconciler {
     policy_notes: HashMap<(String, String), Notes>,
     /// The agent's rules (named [`RULE_PREFIX`]…) as this process last set them on the node.
     rules_set: BTreeMap<String, PeerRule>,
+    /// When to report this node's use of each Shared policy (namespace/name).
+    reporters: HashMap<(String, String), share::Reporter>,
     uninstalled: bool,
     ticks: u64,
 }
@@ -156,6 +161,7 @@ impl Reconciler {
             .lock()
             .map(|s| s.cgroup_mount().to_path_buf())
             .unwrap_or_default();
+        let node = settings.node.clone();
         Self {
             state,
             cgroup_root,
@@ -166,13 +172,14 @@ impl Reconciler {
             pods: HashMap::new(),
             listing: None,
             pods_listed: false,
-            policies: Policies::default(),
+            policies: Policies::on_node(&node),
             policy_listing: None,
             set_listing: None,
             policies_listed: false,
             sets_listed: false,
             policy_notes: HashMap::new(),
             rules_set: BTreeMap::new(),
+            reporters: HashMap::new(),
             uninstalled: false,
             ticks: 0,
         }
@@ -865,12 +872,79 @@ impl Reconciler {
             }
             self.reconcile(&uid);
         }
+        self.report_demand(now);
         // Rules no pod here needs since a pod's labels changed or it went.
         if self.ticks.is_multiple_of(10) && self.bindings_known() && !self.uninstalled {
             let wanted = self.wanted_rules();
             self.remove_unwanted_rules(&wanted);
         }
         self.refresh_metrics();
+    }
+
+    /// Reports this node's use of each Shared policy with a pod here to the policy's peer set,
+    /// when a report is due (see [`share::Reporter`]): the controller splits the rate by it.
+    fn report_demand(&mut self, now: Instant) {
+        if self.uninstalled || !self.bindings_known() {
+            return;
+        }
+        let on_node = self.daemon().rules();
+        let Ok(on_node) = on_node else { return };
+        let used: HashMap<String, u64> = on_node
+            .into_iter()
+            .map(|r| (r.name, r.rate_bps.unwrap_or(0)))
+            .collect();
+        let policies: Vec<SharedPolicy> = self.policies.shared().into_iter().cloned().collect();
+        let keys: HashSet<(String, String)> = policies.iter().map(|p| p.key.clone()).collect();
+        self.reporters.retain(|k, _| keys.contains(k));
+        for p in policies {
+            let rules: Vec<&bindings::SharedRule> = p.egress.iter().chain(&p.ingress).collect();
+            // Only a node with pods bound to the policy takes part.
+            if !rules.iter().any(|r| used.contains_key(&r.name)) {
+                continue;
+            }
+            let bps: Vec<u64> = rules
+                .iter()
+                .map(|r| used.get(&r.name).copied().unwrap_or(0))
+                .collect();
+            let parts: Vec<u64> = rules.iter().map(|r| r.part).collect();
+            let rates: Vec<u64> = rules.iter().map(|r| r.rate).collect();
+            let reporter = self.reporters.entry(p.key.clone()).or_default();
+            let Some(mut demand) = reporter.sample(now, &bps, &parts, &rates) else {
+                continue;
+            };
+            let ingress = demand.split_off(p.egress.len());
+            self.send_demand(&p.key, demand, ingress);
+        }
+    }
+
+    /// Writes this node's entry of a peer set's status (server-side apply under a field
+    /// manager of its own, so nodes never overwrite each other), in a task of its own.
+    fn send_demand(&self, key: &(String, String), egress: Vec<RuleDemand>, ingress: Vec<RuleDemand>) {
+        let node = self.settings.node.clone();
+        let (namespace, name) = key.clone();
+        let status = NodeDemand {
+            node: node.clone(),
+            egress,
+            ingress,
+        };
+        debug!(policy = %format!("{namespace}/{name}"), ?status, "report use of a Shared policy");
+        let patch = serde_json::json!({
+            "apiVersion": "podshaper.io/v1alpha1",
+            "kind": "BandwidthPeerSet",
+            "metadata": {"name": name, "namespace": namespace},
+            "status": {"nodes": [status]},
+        });
+        let api: kube::Api<BandwidthPeerSet> = kube::Api::namespaced(self.client.clone(), &namespace);
+        let manager: String = format!("podshaper-agent/{node}").chars().take(128).collect();
+        tokio::spawn(async move {
+            let params = kube::api::PatchParams::apply(&manager).force();
+            if let Err(e) = api
+                .patch_status(&name, &params, &kube::api::Patch::Apply(&patch))
+                .await
+            {
+                warn!(error = %e, policy = %format!("{namespace}/{name}"), "report use of a Shared policy");
+            }
+        });
     }
 
     fn refresh_metrics(&self) {

@@ -102,6 +102,10 @@ pub struct RuleStatus {
     pub prefixes: usize,
     /// Limited cgroups bound to it.
     pub cgroups: usize,
+    /// For a shared rule: what all its cgroups on the node sent or received over the last
+    /// epoch (50 ms), bits/s of L3 traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_bps: Option<u64>,
 }
 
 impl CgroupStatus {

@@ -222,6 +222,7 @@ impl State {
                 limit: r.rate,
                 shared: r.shared,
                 prefixes: r.prefixes,
+                rate_bps: r.shared_bps,
             })
             .collect())
     }

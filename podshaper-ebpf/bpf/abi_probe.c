@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <linux/bpf.h>
 #include "podshaper.h"
+#include "controller.h"
 
 #define SIZE(t) printf("pub const SIZE_%s: usize = %zu;\n", #t, sizeof(struct t))
 #define OFF(t, f, n) printf("pub const OFF_%s_%s: usize = %zu;\n", #t, n, offsetof(struct t, f))
@@ -25,6 +26,7 @@ int main(void)
 	SIZE(ps_class_key);
 	SIZE(ps_rule);
 	printf("pub const MAX_RULES: usize = %d;\n", PS_MAX_RULES);
+	printf("pub const EPOCH_NS: u64 = %llu;\n", PS_EPOCH_NS);
 	printf("pub const PEER_V6: u32 = %u;\n", PS_PEER_V6);
 	printf("pub const MAX_PEER_PREFIXES: usize = %d;\n", PS_MAX_PEER_PREFIXES);
 	printf("pub const MAX_CLASSES: usize = %d;\n", PS_MAX_CLASSES);

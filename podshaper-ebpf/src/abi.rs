@@ -36,7 +36,23 @@ pub struct DirState {
     pub flows: [u32; FLOW_EPOCHS],
 }
 
+/// `PS_EPOCH_NS` (controller.h): how long the programs measure a rate over.
+pub const EPOCH_NS: u64 = 50_000_000;
+
 impl DirState {
+    /// The rate measured at `now_ns` (CLOCK_MONOTONIC, the programs' clock), bits/s. The
+    /// programs roll an epoch only when a packet comes, so `measured` keeps the last busy
+    /// epoch's rate while nothing flows: past two epochs without a roll, the bytes of the
+    /// unfinished one over the time since it began are the rate (falling to 0 when idle).
+    pub fn measured_bps(&self, now_ns: u64) -> u64 {
+        let age = now_ns.saturating_sub(self.epoch_start_ns);
+        if age <= 2 * EPOCH_NS {
+            return self.measured.saturating_mul(8);
+        }
+        let bps = u128::from(self.epoch_bytes) * 8 * 1_000_000_000 / u128::from(age);
+        u64::try_from(bps).unwrap_or(u64::MAX)
+    }
+
     /// The flows counted as active, as `ps_flows_active()` counts them.
     pub fn active_flows(&self) -> u32 {
         self.flows.iter().copied().max().unwrap_or(0)
@@ -227,6 +243,21 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_class_measures_a_falling_rate_not_its_last_busy_epoch() {
+        let d = DirState {
+            epoch_start_ns: 1_000_000_000,
+            epoch_bytes: 125_000,
+            measured: 1_250_000,
+            ..DirState::default()
+        };
+        // Within two epochs: the last epoch's rate (10 Mbit/s).
+        assert_eq!(d.measured_bps(1_000_000_000 + EPOCH_NS), 10_000_000);
+        // A second without a packet: 1 Mbit over a second.
+        assert_eq!(d.measured_bps(2_000_000_000), 1_000_000);
+        assert_eq!(d.measured_bps(11_000_000_000), 100_000);
+    }
+
+    #[test]
     fn layouts_match_podshaper_h() {
         assert_eq!(ABI_VERSION, c::ABI_VERSION);
         assert_eq!(size_of::<Config>(), c::SIZE_ps_config);
@@ -254,6 +285,7 @@ mod tests {
         assert_eq!(size_of::<ClassKey>(), c::SIZE_ps_class_key);
         assert_eq!(size_of::<Rule>(), c::SIZE_ps_rule);
         assert_eq!(MAX_RULES, c::MAX_RULES);
+        assert_eq!(EPOCH_NS, c::EPOCH_NS);
         assert_eq!(RULE_NAME_LEN, c::RULE_NAME_LEN);
         assert_eq!(MAX_PEER_PREFIXES, c::MAX_PEER_PREFIXES);
         assert_eq!(MAX_CLASSES, c::MAX_CLASSES);

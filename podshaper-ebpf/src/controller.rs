@@ -4,11 +4,10 @@
 #![cfg(test)]
 #![allow(clippy::unwrap_used)]
 
-use crate::abi::{DirState, EGRESS, INGRESS};
+use crate::abi::{DirState, EGRESS, EPOCH_NS, INGRESS};
 
 const GAIN_ONE: u32 = 1024;
 const FULL_PACKET: u64 = 1514;
-const EPOCH_NS: u64 = 50_000_000;
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000_000_000;
 const PASS: i32 = 1;

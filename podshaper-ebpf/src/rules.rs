@@ -332,6 +332,7 @@ impl Datapath {
 
     /// The rules on this node.
     pub fn rule_states(&self) -> Vec<RuleState> {
+        let now = sys::monotonic_ns();
         self.rules
             .0
             .iter()
@@ -343,7 +344,7 @@ impl Datapath {
                 prefixes: h.entries.len(),
                 shared_bps: h.shared.then(|| {
                     self.read_class(ClassKey::new(0, h.id))
-                        .map_or(0, |c| c.dir[h.dir].measured * 8)
+                        .map_or(0, |c| c.dir[h.dir].measured_bps(now))
                 }),
             })
             .collect()
@@ -351,6 +352,7 @@ impl Datapath {
 
     /// The names of the rules a cgroup's value binds it to, with their classes' state.
     pub(crate) fn classes_of(&self, peers: &Peers) -> Vec<ClassState> {
+        let now = sys::monotonic_ns();
         let mut out = Vec::new();
         for (dir, list) in peers.rule.iter().enumerate() {
             for &r in list.iter().take_while(|r| **r != 0) {
@@ -365,7 +367,7 @@ impl Datapath {
                     direction: direction(dir),
                     rate: rate_of(h.rate),
                     shared: h.shared,
-                    measured_bps: class.as_ref().map_or(0, |c| c.dir[dir].measured * 8),
+                    measured_bps: class.as_ref().map_or(0, |c| c.dir[dir].measured_bps(now)),
                     flows: class.as_ref().map_or(0, |c| c.dir[dir].active_flows()),
                 });
             }

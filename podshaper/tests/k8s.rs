@@ -789,7 +789,8 @@ fn the_plain_manifests_are_the_charts_output_and_the_agent_role_is_least_privile
         body == rendered,
         "deploy/manifests/podshaper.yaml is stale: regenerate it with the command in its header"
     );
-    // Exactly: read pods, BandwidthPolicies and peer sets, write events. Nothing else, anywhere.
+    // Exactly: read pods, BandwidthPolicies and peer sets, report to peer sets' status, write
+    // events. Nothing else, anywhere.
     let role = rendered
         .split("\n---\n")
         .find(|d| d.contains("kind: ClusterRole\n"))
@@ -809,6 +810,9 @@ fn the_plain_manifests_are_the_charts_output_and_the_agent_role_is_least_privile
             "  - apiGroups: [podshaper.io]",
             "    resources: [bandwidthpolicies, bandwidthpeersets]",
             "    verbs: [get, list, watch]",
+            "  - apiGroups: [podshaper.io]",
+            "    resources: [bandwidthpeersets/status]",
+            "    verbs: [patch]",
             "  - apiGroups: [events.k8s.io]",
             "    resources: [events]",
             "    verbs: [create, patch]",
@@ -1664,4 +1668,105 @@ async fn service_with_endpoint(
         .create(&kube::api::PostParams::default(), &slice)
         .await
         .unwrap();
+}
+
+/// A Shared policy over pods on two nodes (two agents, one per node): the controller splits
+/// the rate between the nodes, their pods' sum holds it, and once one node's pod goes idle its
+/// part moves to the busy node within a report period (10 s) or so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_bandwidth_policy_across_two_nodes_holds_the_sum_and_moves_an_idle_share() {
+    use podshaper_agent::policy::BandwidthPeerSet;
+    let Some(_g) = privileged() else { return };
+    let cluster = cluster().await;
+    let kubelet_a = kubelet(&cluster, CgroupDriver::Systemd, "");
+    let kubelet_b = cluster.kubelet("node-b", CgroupDriver::Systemd, "").unwrap();
+    let agent_a = agent(&cluster, None);
+    let agent_b = agent_on(&cluster, "node-b", None, &[]);
+    let _controller = controller(&cluster, "controller-0").await;
+    let pair = NetnsPair::new().unwrap();
+    let b = IpAddr::V4(NetnsPair::B_V4);
+    let one = kubelet_a
+        .run_labeled_pod_at(NS, "batch-a", &[("app", "batch")], "198.18.0.1")
+        .await
+        .unwrap();
+    let two = kubelet_b
+        .run_labeled_pod_at(NS, "batch-b", &[("app", "batch")], "198.18.0.1")
+        .await
+        .unwrap();
+    create_policy(
+        &cluster,
+        &bwp(
+            "batch-total",
+            "podSelector: {matchLabels: {app: batch}}\nscope: Shared\negress: [{rate: 30M}]\n",
+        ),
+    )
+    .await;
+    let rule = "bwp:shop/batch-total:egress0";
+    let part = |agent: &AgentProcess| {
+        agent
+            .rules()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.name == rule)
+            .map(|r| r.limit.bps())
+    };
+    let start = Instant::now();
+    while part(&agent_a) != Some(15 * M) || part(&agent_b) != Some(15 * M) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "parts {:?} {:?}",
+            part(&agent_a),
+            part(&agent_b)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "split 15M + 15M {:?} after the policy's creation",
+        start.elapsed()
+    );
+    let rates = flows_from(&pair, &[(&one, b), (&two, b)], false, 5);
+    let sum: f64 = rates.iter().sum();
+    eprintln!(
+        "two nodes: {:.1} + {:.1} Mbit/s, sum {:.3} of 30M",
+        rates[0] / 1e6,
+        rates[1] / 1e6,
+        sum / (30 * M) as f64
+    );
+    assert_near("the sum over two nodes", sum, 30 * M);
+
+    // node-b's pod goes idle: its part moves to node-a once node-b reported (at most once per
+    // 10 s per node and policy).
+    let idle_at = Instant::now();
+    let _server = IperfServer::start(pair.b(), None, &ServerOptions::default()).unwrap();
+    let opts = ClientOptions {
+        secs: 20,
+        interval: 1.0,
+        ..ClientOptions::new(b)
+    };
+    let report = run_client(pair.a(), Some(&one.cgroup), &opts).unwrap();
+    let per_second: Vec<f64> = (0..20)
+        .map(|s| l3_between(&report, f64::from(s), f64::from(s + 1)) / 1e6)
+        .collect();
+    let moved = per_second.iter().position(|r| *r > 0.9 * 30.0);
+    eprintln!(
+        "alone, per second (Mbit/s): {:?}; over 27 from second {moved:?}",
+        per_second.iter().map(|r| r.round()).collect::<Vec<_>>()
+    );
+    let last: f64 = per_second[per_second.len() - 4..].iter().sum::<f64>() / 4.0;
+    assert_near("the busy node alone, at the end", last * 1e6, 30 * M);
+    assert!(
+        moved.is_some_and(|s| s <= 14),
+        "the idle node's part did not move within 14 s: {per_second:?}"
+    );
+    let set = Api::<BandwidthPeerSet>::namespaced(cluster.admin.clone(), NS)
+        .get("batch-total")
+        .await
+        .unwrap();
+    eprintln!(
+        "shares {:?}, reports {:?}, {:?} after node-b went idle",
+        set.spec.shares,
+        set.status.map(|s| s.nodes),
+        idle_at.elapsed()
+    );
+    assert!(part(&agent_a).unwrap() >= 29 * M, "{:?}", part(&agent_a));
 }

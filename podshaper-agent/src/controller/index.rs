@@ -21,7 +21,15 @@ use kube::{
     ResourceExt,
 };
 
-use crate::policy::{BandwidthPeerSetSpec, BandwidthPolicy, BandwidthPolicyStatus, ResolvedPeers};
+use podshaper_api::Direction;
+
+use crate::{
+    policy::{
+        BandwidthPeerSetSpec, BandwidthPeerSetStatus, BandwidthPolicy, BandwidthPolicyStatus, NodeShare,
+        ResolvedPeers, RuleDemand, Scope,
+    },
+    share,
+};
 
 /// A policy, by namespace and name.
 pub type Key = (String, String);
@@ -257,8 +265,14 @@ impl Index {
     }
 
     /// What to publish for the policy `key`, if it exists; `now` stamps a condition that
-    /// changes (one that does not keeps its time from `status`).
-    pub fn publish(&self, key: &Key, now: Timestamp) -> Option<Published> {
+    /// changes (one that does not keeps its time from `status`). `demand`: what the agents
+    /// reported in its peer set, for a Shared policy's split.
+    pub fn publish(
+        &self,
+        key: &Key,
+        now: Timestamp,
+        demand: Option<&BandwidthPeerSetStatus>,
+    ) -> Option<Published> {
         let policy = self.policies.get(key)?;
         let (namespace, _) = key;
         let generation = policy.metadata.generation.unwrap_or(0);
@@ -311,8 +325,9 @@ impl Index {
             .chain(&policy.spec.ingress)
             .flat_map(|r| &r.peers)
             .any(|p| p.ip_block.is_none());
+        let shared = policy.spec.scope == Scope::Shared;
         let peer_set = match (checked, policy.uid()) {
-            (Ok(_), Some(uid)) if has_selector_peers => Some(BandwidthPeerSetSpec {
+            (Ok(rules), Some(uid)) if has_selector_peers || shared => Some(BandwidthPeerSetSpec {
                 policy_uid: uid,
                 policy_generation: generation,
                 egress: policy
@@ -327,6 +342,23 @@ impl Index {
                     .iter()
                     .map(|r| self.resolve(namespace, &r.peers))
                     .collect(),
+                shares: if shared {
+                    let rates = |d| {
+                        rules
+                            .iter()
+                            .filter(|r| r.direction == d)
+                            .map(|r| r.rate.bps())
+                            .collect()
+                    };
+                    shares(
+                        &nodes,
+                        rates(Direction::Egress),
+                        rates(Direction::Ingress),
+                        demand,
+                    )
+                } else {
+                    Vec::new()
+                },
             }),
             _ => None,
         };
@@ -416,6 +448,42 @@ impl Index {
     }
 }
 
+/// Each node's part of each rule's rate (`egress`, `ingress`: the rates in rule order), split
+/// by what the nodes reported.
+fn shares(
+    nodes: &BTreeSet<&str>,
+    egress: Vec<u64>,
+    ingress: Vec<u64>,
+    demand: Option<&BandwidthPeerSetStatus>,
+) -> Vec<NodeShare> {
+    let reported = |node: &str| demand.and_then(|d| d.nodes.iter().find(|n| n.node == node));
+    let split_all =
+        |rates: &[u64], pick: fn(&crate::policy::NodeDemand) -> &Vec<RuleDemand>| -> Vec<Vec<u64>> {
+            rates
+                .iter()
+                .enumerate()
+                .map(|(i, rate)| {
+                    let demands: Vec<Option<RuleDemand>> = nodes
+                        .iter()
+                        .map(|n| reported(n).and_then(|r| pick(r).get(i).copied()))
+                        .collect();
+                    share::split(*rate, &demands)
+                })
+                .collect()
+        };
+    let e = split_all(&egress, |n| &n.egress);
+    let i = split_all(&ingress, |n| &n.ingress);
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(k, node)| NodeShare {
+            node: node.to_string(),
+            egress: e.iter().map(|parts| parts[k]).collect(),
+            ingress: i.iter().map(|parts| parts[k]).collect(),
+        })
+        .collect()
+}
+
 /// A selector the policy check let through; none if it cannot be parsed (an Invalid policy).
 fn selector(s: &LabelSelector) -> Option<Selector> {
     Selector::try_from(s.clone()).ok()
@@ -462,7 +530,7 @@ mod tests {
 
     /// The egress addresses of rule `i` of the published peer set.
     fn egress(index: &Index, k: &Key, i: usize) -> Vec<String> {
-        let published = index.publish(k, now()).unwrap();
+        let published = index.publish(k, now(), None).unwrap();
         published.peer_set.expect("a peer set").egress[i]
             .addresses
             .clone()
@@ -523,7 +591,7 @@ mod tests {
         assert_eq!(egress(&index, &k, 2), ["198.18.2.2", "198.18.3.2"]);
         // An ipBlock rule needs no addresses from the controller.
         assert!(egress(&index, &k, 3).is_empty());
-        let p = index.publish(&k, now()).unwrap();
+        let p = index.publish(&k, now(), None).unwrap();
         assert_eq!(p.peer_set.as_ref().unwrap().policy_uid, "uid-p");
         assert_eq!(p.peer_set.as_ref().unwrap().policy_generation, 3);
         assert_eq!(p.status.selected_pods, Some(1));
@@ -553,7 +621,10 @@ mod tests {
         assert_eq!(egress(&index, &k, 0), ["198.18.1.2", "198.18.1.3", "2001:2::12"]);
         assert!(index.delete_pod("shop", "db"));
         assert_eq!(egress(&index, &k, 0), ["198.18.1.3"]);
-        assert_eq!(index.publish(&k, now()).unwrap().status.selected_pods, Some(2));
+        assert_eq!(
+            index.publish(&k, now(), None).unwrap().status.selected_pods,
+            Some(2)
+        );
     }
 
     #[test]
@@ -608,6 +679,45 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_policy_is_split_among_the_nodes_of_its_pods_by_their_demand() {
+        let mut index = cluster();
+        let k = index
+            .set_policy(policy(
+                "shop",
+                "total",
+                "podSelector: {}\nscope: Shared\negress: [{rate: 30M}]\n",
+            ))
+            .unwrap();
+        // Three pods of shop on node-1 and node-0: an even split before any report.
+        let set = index
+            .publish(&k, now(), None)
+            .unwrap()
+            .peer_set
+            .expect("a set for Shared");
+        let parts: Vec<(&str, &[u64])> = set
+            .shares
+            .iter()
+            .map(|s| (s.node.as_str(), s.egress.as_slice()))
+            .collect();
+        assert_eq!(
+            parts,
+            [("node-0", &[15_000_000][..]), ("node-1", &[15_000_000][..])]
+        );
+        // node-0 idle, node-1 busy: node-1 gets all but node-0's floor.
+        let demand = |node: &str, bps: u64, saturated: bool| crate::policy::NodeDemand {
+            node: node.into(),
+            egress: vec![RuleDemand { bps, saturated }],
+            ingress: Vec::new(),
+        };
+        let status = BandwidthPeerSetStatus {
+            nodes: vec![demand("node-0", 0, false), demand("node-1", 15_000_000, true)],
+        };
+        let set = index.publish(&k, now(), Some(&status)).unwrap().peer_set.unwrap();
+        assert_eq!(set.shares[0].egress, [300_000]);
+        assert_eq!(set.shares[1].egress, [29_700_000]);
+    }
+
+    #[test]
     fn an_invalid_policy_gets_the_reason_and_no_peer_set() {
         let mut index = cluster();
         let k = index
@@ -617,7 +727,7 @@ mod tests {
                 "podSelector: {}\negress: [{rate: 20M, peers: [{podSelector: {}}, {ipBlock: {cidr: 198.18.0.1/24}}]}]\n",
             ))
             .unwrap();
-        let p = index.publish(&k, now()).unwrap();
+        let p = index.publish(&k, now(), None).unwrap();
         assert_eq!(p.peer_set, None);
         let c = &p.status.conditions[0];
         assert_eq!(
@@ -631,14 +741,14 @@ mod tests {
         stored.status = Some(p.status.clone());
         index.set_policy(stored);
         let later = Timestamp::from_second(2_000).unwrap();
-        let again = index.publish(&k, later).unwrap();
+        let again = index.publish(&k, later, None).unwrap();
         assert_eq!(again.status, p.status);
         // A policy with only ipBlock or no peers needs no peer set.
         let k = index
             .set_policy(policy("shop", "cidr", "podSelector: {}\negress: [{rate: 20M}]\n"))
             .unwrap();
-        assert_eq!(index.publish(&k, now()).unwrap().peer_set, None);
+        assert_eq!(index.publish(&k, now(), None).unwrap().peer_set, None);
         index.delete_policy(&k);
-        assert_eq!(index.publish(&k, now()), None);
+        assert_eq!(index.publish(&k, now(), None), None);
     }
 }

@@ -384,7 +384,8 @@ impl Controller {
     async fn publish(&mut self, key: &Key) -> Result<()> {
         let (namespace, name) = key;
         let sets: Api<BandwidthPeerSet> = Api::namespaced(self.client.clone(), namespace);
-        let Some(published) = self.index.publish(key, Timestamp::now()) else {
+        let demand = self.sets.get(key).and_then(|s| s.status.as_ref());
+        let Some(published) = self.index.publish(key, Timestamp::now(), demand) else {
             // The policy is gone: so goes its set (its owner reference does that too where a
             // garbage collector runs).
             if self.sets.contains_key(key) {
