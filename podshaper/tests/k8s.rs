@@ -694,6 +694,23 @@ async fn the_uninstall_hook_lifts_every_limit() {
         lim(Some(10 * M), Some(10 * M)),
         Duration::from_secs(5),
     );
+    // A pod capped by a BandwidthPolicy too: the hook lifts policy rules as well.
+    let capped = kubelet
+        .run_labeled_pod_at(NS, "capped", &[("app", "batch")], "198.18.10.10")
+        .await
+        .unwrap();
+    create_policy(
+        &cluster,
+        &bwp(
+            "cap",
+            "podSelector: {matchLabels: {app: batch}}\negress: [{rate: 5M}]\n",
+        ),
+    )
+    .await;
+    let bound = ["bwp:shop/cap:egress0"];
+    agent
+        .wait_pod_rules(NS, "capped", &bound, Duration::from_secs(5))
+        .unwrap();
 
     // What the hook Job runs, as the hook's ServiceAccount.
     let token = cluster
@@ -721,6 +738,7 @@ async fn the_uninstall_hook_lifts_every_limit() {
         "limits left after uninstall: {:?}",
         agent.status().unwrap()
     );
+    assert!(agent.rules().unwrap().is_empty(), "{:?}", agent.rules());
     // Not a link, map or pin left on the node.
     let pins = std::fs::read_dir(podshaper_ebpf::pins::Pins::new(agent.bpffs()).versioned())
         .map(|d| d.count())
@@ -739,7 +757,11 @@ async fn the_uninstall_hook_lifts_every_limit() {
         lim(Some(10 * M), Some(10 * M)),
         Duration::from_secs(5),
     );
+    agent
+        .wait_pod_rules(NS, "capped", &bound, Duration::from_secs(5))
+        .unwrap();
     assert!(agent.ready());
+    kubelet.delete_pod(capped).await.unwrap();
     kubelet.delete_pod(pod).await.unwrap();
     agents.delete_pod(me).await.unwrap();
 }
@@ -1769,4 +1791,67 @@ async fn a_shared_bandwidth_policy_across_two_nodes_holds_the_sum_and_moves_an_i
         idle_at.elapsed()
     );
     assert!(part(&agent_a).unwrap() >= 29 * M, "{:?}", part(&agent_a));
+}
+
+/// Tenancy: a BandwidthPolicy of namespace `shop` selecting every pod of its own namespace and
+/// naming every pod of every namespace as its peers caps shop's pods only: a flow between two
+/// pods of another namespace is never touched (no binding, full speed), while shop's pod is
+/// capped towards the very same peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_never_changes_a_flow_with_no_endpoint_in_its_namespace() {
+    let Some(_g) = privileged() else { return };
+    let cluster = cluster().await;
+    cluster.cp.namespace("other").await.unwrap();
+    let kubelet = kubelet(&cluster, CgroupDriver::Systemd, "");
+    let remote = cluster.kubelet("node-b", CgroupDriver::Systemd, "").unwrap();
+    let agent = agent(&cluster, None);
+    let _controller = controller(&cluster, "controller-0").await;
+    let pair = NetnsPair::new().unwrap();
+    let server = IpAddr::V4(NetnsPair::B_V4);
+    let ours = kubelet
+        .run_labeled_pod_at(NS, "client", &[("app", "x")], "198.18.0.1")
+        .await
+        .unwrap();
+    let theirs = kubelet
+        .run_labeled_pod_at("other", "client", &[("app", "x")], "198.18.0.1")
+        .await
+        .unwrap();
+    let _peer = remote
+        .run_labeled_pod_at("other", "server", &[("app", "y")], &server.to_string())
+        .await
+        .unwrap();
+    create_policy(
+        &cluster,
+        &bwp(
+            "everything",
+            "podSelector: {}\negress: [{rate: 10M, peers: [{namespaceSelector: {}}]}]\n\
+             ingress: [{rate: 10M}]\n",
+        ),
+    )
+    .await;
+    let bound = ["bwp:shop/everything:egress0", "bwp:shop/everything:ingress0"];
+    agent
+        .wait_pod_rules(NS, "client", &bound, Duration::from_secs(10))
+        .unwrap();
+    // Every pod's address: the server's, and the clients' one (both sit in the lab's A).
+    wait_prefixes(&agent, bound[0], 2, Duration::from_secs(5));
+    assert_eq!(agent.pod_rules("other", "client").unwrap(), Vec::<String>::new());
+    let rates = flows_from(&pair, &[(&ours, server), (&theirs, server)], false, 4);
+    eprintln!(
+        "shop's pod {:.3} of 10M; other's pod {:.0} Mbit/s to the same peer at the same time",
+        rates[0] / (10 * M) as f64,
+        rates[1] / 1e6
+    );
+    assert_near("shop's pod to another namespace's pod", rates[0], 10 * M);
+    assert!(
+        rates[1] > 3.0 * 10.0 * M as f64,
+        "other's flow: {:.1} Mbit/s",
+        rates[1] / 1e6
+    );
+    let back = flows_from(&pair, &[(&theirs, server)], true, 3)[0];
+    assert!(
+        back > 3.0 * 10.0 * M as f64,
+        "other's download: {:.1} Mbit/s",
+        back / 1e6
+    );
 }
