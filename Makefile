@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/podshaper
 
-.PHONY: deps k8s-bins guest-kernels build demo test test-kernels bench bench-k8s bench-guest fmt lint clean
+.PHONY: deps k8s-bins guest-kernels build demo test test-kernels bench bench-k8s bench-guest bench-policy-scale fmt lint clean
 
 deps:
 	./scripts/deps.sh
@@ -43,6 +43,11 @@ bench-guest: deps guest-kernels
 ## The agent against a real kube-apiserver: change latency, RSS/CPU with 110 pods, restart (root).
 bench-k8s: deps k8s-bins build
 	$(CARGO) run --release --locked -p podshaper-testbed --bin podshaper-bench-k8s -- --agent $(BIN) --markdown docs/benchmarks.md $(BENCH_ARGS)
+
+## BandwidthPolicies with 10k pod objects in a real kube-apiserver: the controller's and agent's
+## memory, policy and label change to enforcement, bytes during churn (root, ~2 min).
+bench-policy-scale: deps k8s-bins build
+	$(CARGO) run --release --locked -p podshaper-testbed --bin podshaper-bench-policy-scale -- --podshaper $(BIN) --markdown docs/policy-scale.md $(BENCH_ARGS)
 
 fmt:
 	$(CARGO) fmt --all

@@ -918,6 +918,11 @@ impl ControllerProcess {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills it hard: the Lease stays until it lapses.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

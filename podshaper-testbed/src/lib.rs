@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod guest;
 pub mod k8s;
 pub mod probe;
+pub mod report;
 pub mod sampler;
 pub mod service;
 pub mod tbf;

@@ -1182,6 +1182,18 @@ fn flows_from(pair: &NetnsPair, pods: &[(&RunningPod, IpAddr)], reverse: bool, s
         .collect()
 }
 
+/// Prints and checks a capped flow (near `rate`) beside a free one (over 3x `rate`).
+fn assert_capped_beside_free(capped_what: &str, capped: f64, rate: u64, free_what: &str, free: f64) {
+    eprintln!(
+        "{capped_what} {:.3} of {} Mbit/s; {free_what} {:.0} Mbit/s at the same time",
+        capped / rate as f64,
+        rate / M,
+        free / 1e6
+    );
+    assert_near(capped_what, capped, rate);
+    assert!(free > 3.0 * rate as f64, "{free_what}: {:.1} Mbit/s", free / 1e6);
+}
+
 /// A BandwidthPolicy through the agent, end to end with real traffic: an ipBlock rule (with an
 /// except) caps the selected pod's traffic to those peers while its traffic to the except runs
 /// free at the same time; a peer-less ingress rule caps all it receives; a pod the policy does
@@ -1230,16 +1242,12 @@ async fn a_bandwidth_policy_caps_ip_block_peers_live_and_its_deletion_lifts_ever
 
     // At once: to .3 (in the block) capped, to .2 (its except) free.
     let rates = flows_from(&pair, &[(&pod, b2), (&pod, b)], false, 4);
-    eprintln!(
-        "egress to the ipBlock {:.3} of 20M, to the except {:.0} Mbit/s at the same time",
-        rates[0] / (20 * M) as f64,
-        rates[1] / 1e6
-    );
-    assert_near("egress to the policy's ipBlock", rates[0], 20 * M);
-    assert!(
-        rates[1] > 3.0 * 20.0 * M as f64,
-        "the flow to the except ran at {:.1} Mbit/s",
-        rates[1] / 1e6
+    assert_capped_beside_free(
+        "egress to the ipBlock",
+        rates[0],
+        20 * M,
+        "to its except",
+        rates[1],
     );
     // No peers: all it receives.
     let ingress = pod_rate(&pair, &pod, 4, true);
@@ -1490,18 +1498,8 @@ async fn a_bandwidth_policy_caps_traffic_to_pods_by_selector_live() {
     // Both ways, the db flow capped and the web flow free at the same time.
     let out = flows_from(&pair, &[(&pod, db_ip), (&pod, web_ip)], false, 4);
     let inn = flows_from(&pair, &[(&pod, db_ip), (&pod, web_ip)], true, 4);
-    eprintln!(
-        "to app=db {:.3} of 20M, to app=web {:.0} Mbit/s; from app=db {:.3} of 30M, from app=web {:.0} Mbit/s",
-        out[0] / (20 * M) as f64,
-        out[1] / 1e6,
-        inn[0] / (30 * M) as f64,
-        inn[1] / 1e6
-    );
-    assert_near("egress to app=db", out[0], 20 * M);
-    assert_near("ingress from app=db", inn[0], 30 * M);
-    for (what, free) in [("to app=web", out[1]), ("from app=web", inn[1])] {
-        assert!(free > 3.0 * 30.0 * M as f64, "{what}: {:.1} Mbit/s", free / 1e6);
-    }
+    assert_capped_beside_free("egress to app=db", out[0], 20 * M, "to app=web", out[1]);
+    assert_capped_beside_free("ingress from app=db", inn[0], 30 * M, "from app=web", inn[1]);
 
     // The web pod labelled app=db joins the cap live, and leaves it when labelled back.
     remote.label(NS, "web", &[("app", Some("db"))]).await.unwrap();
@@ -1535,16 +1533,12 @@ async fn a_bandwidth_policy_caps_traffic_to_pods_by_selector_live() {
         false,
         4,
     );
-    eprintln!(
-        "through the db Service {:.3} of 20M, through the web Service {:.0} Mbit/s",
-        rates[0] / (20 * M) as f64,
-        rates[1] / 1e6
-    );
-    assert_near("egress through the db Service", rates[0], 20 * M);
-    assert!(
-        rates[1] > 3.0 * 20.0 * M as f64,
-        "web Service: {:.1} Mbit/s",
-        rates[1] / 1e6
+    assert_capped_beside_free(
+        "egress through the db Service",
+        rates[0],
+        20 * M,
+        "through the web Service",
+        rates[1],
     );
 
     // Invalid: the condition says why, nothing changes on the node.
@@ -1837,16 +1831,12 @@ async fn a_policy_never_changes_a_flow_with_no_endpoint_in_its_namespace() {
     wait_prefixes(&agent, bound[0], 2, Duration::from_secs(5));
     assert_eq!(agent.pod_rules("other", "client").unwrap(), Vec::<String>::new());
     let rates = flows_from(&pair, &[(&ours, server), (&theirs, server)], false, 4);
-    eprintln!(
-        "shop's pod {:.3} of 10M; other's pod {:.0} Mbit/s to the same peer at the same time",
-        rates[0] / (10 * M) as f64,
-        rates[1] / 1e6
-    );
-    assert_near("shop's pod to another namespace's pod", rates[0], 10 * M);
-    assert!(
-        rates[1] > 3.0 * 10.0 * M as f64,
-        "other's flow: {:.1} Mbit/s",
-        rates[1] / 1e6
+    assert_capped_beside_free(
+        "shop's pod to another namespace's pod",
+        rates[0],
+        10 * M,
+        "the other namespace's pod to the same peer",
+        rates[1],
     );
     let back = flows_from(&pair, &[(&theirs, server)], true, 3)[0];
     assert!(

@@ -132,6 +132,11 @@ pub fn cluster_ips(service: &Service) -> Vec<IpAddr> {
     .collect()
 }
 
+/// The most addresses a policy's selector peers may resolve to, all rules together: a set
+/// holds ~20 bytes of JSON per address, and an object stays well under etcd's 1.5 MiB; a
+/// node's rule holds at most 65,536 blocks.
+pub const MAX_RESOLVED: usize = 50_000;
+
 /// A pod holding an address: its age (see [`PodInfo::age`]), namespace and name.
 type Holder = ((i64, String), String, String);
 
@@ -147,6 +152,16 @@ pub struct Index {
     /// EndpointSlices, by namespace and name.
     slices: BTreeMap<Key, SliceInfo>,
     policies: BTreeMap<Key, BandwidthPolicy>,
+    /// Each policy's selectors, parsed once: which pod changes can alter what it publishes.
+    selectors: BTreeMap<Key, Selectors>,
+}
+
+/// A policy's podSelector and its selector peers (a namespaceSelector, if any, and a
+/// podSelector, all pods if none).
+#[derive(Debug, Default)]
+struct Selectors {
+    pods: Option<Selector>,
+    peers: Vec<(Option<Selector>, Selector)>,
 }
 
 /// What to publish for a policy.
@@ -248,12 +263,76 @@ impl Index {
 
     pub fn set_policy(&mut self, policy: BandwidthPolicy) -> Option<Key> {
         let key = (policy.namespace()?, policy.name_any());
+        let peers = policy
+            .spec
+            .egress
+            .iter()
+            .chain(&policy.spec.ingress)
+            .flat_map(|r| &r.peers)
+            .filter(|p| p.ip_block.is_none())
+            .filter_map(|p| {
+                let namespaces = match &p.namespace_selector {
+                    Some(s) => Some(selector(s)?),
+                    None => None,
+                };
+                let pods = match &p.pod_selector {
+                    Some(s) => selector(s)?,
+                    None => Selector::default(),
+                };
+                Some((namespaces, pods))
+            })
+            .collect();
+        let selectors = Selectors {
+            pods: selector(&policy.spec.pod_selector),
+            peers,
+        };
+        self.selectors.insert(key.clone(), selectors);
         self.policies.insert(key.clone(), policy);
         Some(key)
     }
 
     pub fn delete_policy(&mut self, key: &Key) {
         self.policies.remove(key);
+        self.selectors.remove(key);
+    }
+
+    /// What the index holds of a pod.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
+        self.pods.get(namespace)?.get(name)
+    }
+
+    /// The policies whose publication a change of a pod of `namespace` may alter: those that
+    /// select it or name it as a peer with any of `labels` (as it was, as it is). All of them
+    /// when one of `ips` is held by another pod too (whose address it may take or give back).
+    pub fn touching(
+        &self,
+        namespace: &str,
+        labels: &[&BTreeMap<String, String>],
+        ips: &[IpAddr],
+    ) -> Vec<Key> {
+        if ips
+            .iter()
+            .any(|ip| self.holders.get(ip).is_some_and(|h| h.len() > 1))
+        {
+            return self.policy_keys();
+        }
+        let ns_labels = self.namespaces.get(namespace);
+        let any = |sel: &Selector| labels.iter().any(|l| sel.matches(l));
+        self.selectors
+            .iter()
+            .filter(|((pns, _), s)| {
+                let selected = pns == namespace && s.pods.as_ref().is_some_and(any);
+                let peer = s.peers.iter().any(|(namespaces, pods)| {
+                    let in_namespace = match namespaces {
+                        None => pns == namespace,
+                        Some(n) => ns_labels.is_some_and(|l| n.matches(l)),
+                    };
+                    in_namespace && any(pods)
+                });
+                selected || peer
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     pub fn policy(&self, key: &Key) -> Option<&BandwidthPolicy> {
@@ -288,36 +367,6 @@ impl Index {
             None => Vec::new(),
         };
         let nodes: BTreeSet<&str> = selected.iter().filter_map(|p| p.node.as_deref()).collect();
-        let (accepted, reason, message) = match &checked {
-            Ok(_) => ("True", "Accepted", String::new()),
-            Err(why) => (
-                "False",
-                "Invalid",
-                format!("{}; it changes nothing", why.join("; ")),
-            ),
-        };
-        let previous = policy
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted"));
-        let since = match previous {
-            Some(c) if c.status == accepted && c.reason == reason => c.last_transition_time.clone(),
-            _ => Time(now),
-        };
-        let status = BandwidthPolicyStatus {
-            observed_generation: Some(generation),
-            conditions: vec![Condition {
-                type_: "Accepted".into(),
-                status: accepted.into(),
-                reason: reason.into(),
-                message,
-                observed_generation: Some(generation),
-                last_transition_time: since,
-            }],
-            summary: Some(policy.spec.summary()),
-            selected_pods: Some(i32::try_from(selected.len()).unwrap_or(i32::MAX)),
-            enforcing_nodes: Some(i32::try_from(nodes.len()).unwrap_or(i32::MAX)),
-        };
         let has_selector_peers = policy
             .spec
             .egress
@@ -326,6 +375,7 @@ impl Index {
             .flat_map(|r| &r.peers)
             .any(|p| p.ip_block.is_none());
         let shared = policy.spec.scope == Scope::Shared;
+        let checked_reasons = checked.as_ref().err().cloned();
         let peer_set = match (checked, policy.uid()) {
             (Ok(rules), Some(uid)) if has_selector_peers || shared => Some(BandwidthPeerSetSpec {
                 policy_uid: uid,
@@ -361,6 +411,49 @@ impl Index {
                 },
             }),
             _ => None,
+        };
+        // A set past what one object and a node's rule hold is refused whole, not cut.
+        let addresses: usize = peer_set
+            .iter()
+            .flat_map(|s| s.egress.iter().chain(&s.ingress))
+            .map(|r| r.addresses.len())
+            .sum();
+        let too_many = (addresses > MAX_RESOLVED).then(|| {
+            format!(
+                "its selectors pick {addresses} addresses, more than the {MAX_RESOLVED} a policy may resolve to; it changes nothing (narrow the selectors, or use an ipBlock of the pod CIDR)"
+            )
+        });
+        let peer_set = peer_set.filter(|_| too_many.is_none());
+        let (accepted, reason, message) = match (&checked_reasons, too_many) {
+            (None, Some(why)) => ("False", "TooManyPeers", why),
+            (None, None) => ("True", "Accepted", String::new()),
+            (Some(why), _) => (
+                "False",
+                "Invalid",
+                format!("{}; it changes nothing", why.join("; ")),
+            ),
+        };
+        let previous = policy
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted"));
+        let since = match previous {
+            Some(c) if c.status == accepted && c.reason == reason => c.last_transition_time.clone(),
+            _ => Time(now),
+        };
+        let status = BandwidthPolicyStatus {
+            observed_generation: Some(generation),
+            conditions: vec![Condition {
+                type_: "Accepted".into(),
+                status: accepted.into(),
+                reason: reason.into(),
+                message,
+                observed_generation: Some(generation),
+                last_transition_time: since,
+            }],
+            summary: Some(policy.spec.summary()),
+            selected_pods: Some(i32::try_from(selected.len()).unwrap_or(i32::MAX)),
+            enforcing_nodes: Some(i32::try_from(nodes.len()).unwrap_or(i32::MAX)),
         };
         Some(Published { peer_set, status })
     }
@@ -625,6 +718,73 @@ mod tests {
             index.publish(&k, now(), None).unwrap().status.selected_pods,
             Some(2)
         );
+    }
+
+    #[test]
+    fn a_pod_change_touches_only_the_policies_that_select_or_name_it() {
+        let mut index = cluster();
+        let db = to_db(&mut index);
+        let batch = index
+            .set_policy(policy(
+                "data",
+                "batch",
+                "podSelector: {matchLabels: {app: batch}}\negress: [{rate: 1M, peers: [{namespaceSelector: {matchLabels: {team: web}}}]}]\n",
+            ))
+            .unwrap();
+        let cidr = index
+            .set_policy(policy(
+                "shop",
+                "cidr",
+                "podSelector: {matchLabels: {app: none}}\negress: [{rate: 1M}]\n",
+            ))
+            .unwrap();
+        let l = |v: &str| -> BTreeMap<String, String> { [("app".to_string(), v.to_string())].into() };
+        let ip = |s: &str| -> Vec<IpAddr> { vec![s.parse().unwrap()] };
+        // A shop pod: selected by p (podSelector {}), a peer of batch (team=web), not cidr's.
+        let t = index.touching("shop", &[&l("web")], &ip("198.18.9.9"));
+        assert_eq!(
+            t,
+            [db.clone(), batch.clone()]
+                .iter()
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+        );
+        assert!(!t.contains(&cidr));
+        // An "other" namespace pod (team=data): nobody's.
+        assert!(index.touching("other", &[&l("db")], &ip("198.18.9.9")).is_empty());
+        // A data pod turning into batch: batch selects it now.
+        assert_eq!(
+            index.touching("data", &[&l("web"), &l("batch")], &ip("198.18.9.9")),
+            std::slice::from_ref(&batch)
+        );
+        // Taking an address another pod holds: everyone may change.
+        index.set_pod(
+            "other".into(),
+            "new".into(),
+            pod(&[("app", "x")], &["198.18.1.2"], 9),
+        );
+        assert_eq!(index.touching("other", &[&l("x")], &ip("198.18.1.2")).len(), 3);
+    }
+
+    #[test]
+    fn a_policy_resolving_to_too_many_addresses_is_refused_whole() {
+        let mut index = cluster();
+        let k = to_db(&mut index);
+        for i in 0..MAX_RESOLVED as u32 {
+            let ip = std::net::Ipv4Addr::from(0xc612_0000 + 0x1_0000 + i).to_string();
+            index.set_pod(
+                "shop".into(),
+                format!("db-{i}"),
+                pod(&[("app", "db")], &[&ip], 10 + i64::from(i)),
+            );
+        }
+        let p = index.publish(&k, now(), None).unwrap();
+        assert_eq!(p.peer_set, None);
+        let c = &p.status.conditions[0];
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "TooManyPeers"));
+        assert!(c.message.contains("50002 addresses"), "{}", c.message);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use kube::{
 };
 use tracing::{debug, info, warn};
 
-use crate::policy::{BandwidthPeerSet, BandwidthPolicy, POLICY_UID_LABEL};
+use crate::policy::{BandwidthPeerSet, BandwidthPolicy, BandwidthPolicyStatus, POLICY_UID_LABEL};
 use index::{Index, Key, PodInfo, SliceInfo};
 
 /// How often what changed is published: changes within one period go out in one write per
@@ -37,6 +37,11 @@ use index::{Index, Key, PodInfo, SliceInfo};
 const FLUSH_PERIOD: Duration = Duration::from_millis(100);
 /// A failed write is tried again after this.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// A policy's status is written again for a change of its counts alone (selectedPods,
+/// enforcingNodes) at most this often: every agent watches the policies, so each status
+/// write reaches every node, and pod churn changes the counts all the time. A change of the
+/// condition, generation or summary is written at once.
+const COUNTS_EVERY: Duration = Duration::from_secs(30);
 /// The field manager of the controller's server-side applies.
 const MANAGER: &str = "podshaper-controller";
 
@@ -143,8 +148,11 @@ struct Controller {
     sets: BTreeMap<Key, BandwidthPeerSet>,
     /// Policies (and peer sets) to publish at the next flush.
     dirty: BTreeSet<Key>,
-    /// Writes that failed, tried again after RETRY_AFTER.
-    failed: BTreeMap<Key, tokio::time::Instant>,
+    /// Policies to publish again later: writes that failed (after RETRY_AFTER), count
+    /// changes held back (COUNTS_EVERY).
+    later: BTreeMap<Key, tokio::time::Instant>,
+    /// When each policy's status was last written.
+    status_written: BTreeMap<Key, tokio::time::Instant>,
     listings: [Listing; WATCHES],
     /// Which watches listed once: nothing is published before all have, so a partial list
     /// never shrinks a set.
@@ -166,7 +174,8 @@ impl Controller {
             index: Index::default(),
             sets: BTreeMap::new(),
             dirty: BTreeSet::new(),
-            failed: BTreeMap::new(),
+            later: BTreeMap::new(),
+            status_written: BTreeMap::new(),
             listings: Default::default(),
             listed: [false; WATCHES],
         }
@@ -228,26 +237,50 @@ impl Controller {
 
     fn on_pod(&mut self, event: watcher::Event<Pod>) {
         let gone = self.track(PODS, &event, self.index.pod_keys());
-        let mut changed = !gone.is_empty();
         for (ns, name) in gone {
-            self.index.delete_pod(&ns, &name);
+            self.pod_changed(&ns, &name, None);
         }
         match event {
             watcher::Event::InitApply(p) | watcher::Event::Apply(p) => {
                 if let Some((ns, name, info)) = PodInfo::of(&p) {
-                    changed |= self.index.set_pod(ns, name, info);
+                    self.pod_changed(&ns, &name, Some(info));
                 }
             }
             watcher::Event::Delete(p) => {
                 if let Some(ns) = p.namespace() {
-                    changed |= self.index.delete_pod(&ns, &p.name_any());
+                    self.pod_changed(&ns, &p.name_any(), None);
                 }
             }
             _ => {}
         }
-        if changed {
-            self.all_dirty();
+    }
+
+    /// Puts a pod's new state (none: gone) in the index and marks the policies it may alter:
+    /// a pod's change costs a check per policy, not a recomputation of every policy.
+    fn pod_changed(&mut self, namespace: &str, name: &str, info: Option<PodInfo>) {
+        let old = self.index.pod(namespace, name).cloned();
+        let mut labels = Vec::new();
+        let mut ips = Vec::new();
+        for p in old.iter().chain(info.iter()) {
+            labels.push(p.labels.clone());
+            ips.extend(p.ips.iter().copied());
         }
+        // Before the change: an address it gives back is still held twice here.
+        let mut touched = {
+            let refs: Vec<&BTreeMap<String, String>> = labels.iter().collect();
+            self.index.touching(namespace, &refs, &ips)
+        };
+        let changed = match info {
+            Some(info) => self.index.set_pod(namespace.to_string(), name.to_string(), info),
+            None => self.index.delete_pod(namespace, name),
+        };
+        if !changed {
+            return;
+        }
+        // After it: an address it took from another pod is held twice now.
+        let refs: Vec<&BTreeMap<String, String>> = labels.iter().collect();
+        touched.extend(self.index.touching(namespace, &refs, &ips));
+        self.dirty.extend(touched);
     }
 
     fn on_namespace(&mut self, event: watcher::Event<Namespace>) {
@@ -360,23 +393,20 @@ impl Controller {
         }
         let now = tokio::time::Instant::now();
         let due: Vec<Key> = self
-            .failed
+            .later
             .iter()
             .filter(|(_, at)| **at <= now)
             .map(|(k, _)| k.clone())
             .collect();
         for key in due {
-            self.failed.remove(&key);
+            self.later.remove(&key);
             self.dirty.insert(key);
         }
         let dirty = std::mem::take(&mut self.dirty);
         for key in dirty {
-            if self.failed.contains_key(&key) {
-                continue;
-            }
             if let Err(e) = self.publish(&key).await {
                 warn!(policy = %format!("{}/{}", key.0, key.1), error = %e, "publish");
-                self.failed.insert(key, now + RETRY_AFTER);
+                self.later.insert(key, now + RETRY_AFTER);
             }
         }
     }
@@ -430,13 +460,27 @@ impl Controller {
             None => {}
         }
         if policy.status.as_ref() != Some(&published.status) {
+            let current = policy.status.clone().unwrap_or_default();
+            let counts_only = BandwidthPolicyStatus {
+                selected_pods: current.selected_pods,
+                enforcing_nodes: current.enforcing_nodes,
+                ..published.status.clone()
+            } == current;
+            let last = self.status_written.get(key).copied();
+            if let Some(last) = last.filter(|at| counts_only && at.elapsed() < COUNTS_EVERY) {
+                self.later.entry(key.clone()).or_insert(last + COUNTS_EVERY);
+                return Ok(());
+            }
             let policies: Api<BandwidthPolicy> = Api::namespaced(self.client.clone(), namespace);
             let patch = serde_json::json!({ "status": published.status });
             match policies
                 .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
-                Ok(_) => {}
+                Ok(_) => {
+                    self.status_written
+                        .insert(key.clone(), tokio::time::Instant::now());
+                }
                 // Deleted meanwhile: its Delete event follows.
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(e).context("write the status"),

@@ -3,7 +3,6 @@
 //! changes), the agent's memory and CPU with a full node of limited pods, and how long a
 //! restarted agent takes to reconcile them. Needs root.
 use std::{
-    fmt::Write as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -13,6 +12,7 @@ use clap::Parser;
 use podshaper_api::Limits;
 use podshaper_testbed::{
     k8s::{AgentProcess, CgroupDriver, Cluster, QosClass, RunningPod},
+    report::{as_root, percentile, Section},
     Table,
 };
 
@@ -45,17 +45,10 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("needs root: the agent loads BPF programs and the bench makes cgroups");
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(run(&args))
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    as_root(
+        "the agent loads BPF programs and the bench makes cgroups",
+        run(&args),
+    )
 }
 
 fn ms(d: Duration) -> String {
@@ -103,7 +96,7 @@ async fn run(args: &Args) -> Result<()> {
     let (table, lines) = result?;
     println!("{}", table.to_text());
     if let Some(path) = &args.markdown {
-        write_section(path, &table, &lines)?;
+        SECTION.write(path, &table, &lines)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
@@ -245,30 +238,9 @@ async fn measure(
     Ok((table, lines))
 }
 
-/// Replaces (or appends) this bench's section of the Markdown file.
-fn write_section(path: &Path, table: &Table, lines: &[String]) -> Result<()> {
-    let old = std::fs::read_to_string(path).unwrap_or_default();
-    let head = old.split(MARKER).next().unwrap_or_default().trim_end();
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let rev = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let mut md = format!("{head}\n\n{MARKER}\n## Kubernetes agent\n\n");
-    writeln!(
-        md,
-        "<!-- Written by podshaper-bench-k8s: regenerate with `make bench-k8s` as root. -->\n"
-    )?;
-    writeln!(md, "- run: `make bench-k8s` as root on {rev}, {date}")?;
-    for l in lines {
-        writeln!(md, "- {l}")?;
-    }
-    writeln!(md, "\n{}", table.to_markdown())?;
-    std::fs::write(path, md)?;
-    Ok(())
-}
+const SECTION: Section = Section {
+    marker: MARKER,
+    heading: "Kubernetes agent",
+    target: "make bench-k8s",
+    writer: "podshaper-bench-k8s",
+};
