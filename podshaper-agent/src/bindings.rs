@@ -36,7 +36,7 @@ pub struct Policies {
     by_key: BTreeMap<Key, Compiled>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Compiled {
     /// None: the policy is invalid and binds nothing.
     selector: Option<Selector>,
@@ -121,9 +121,13 @@ impl Policies {
         self.compile_all()
     }
 
-    /// Adds or replaces a peer set; what to say of its policy, if the agent has it.
+    /// Adds or replaces a peer set; what to say of its policy, if the agent has it. None
+    /// too when only its status changed (the nodes' reports): nothing to do here.
     pub fn apply_set(&mut self, set: &BandwidthPeerSet) -> Option<(BandwidthPolicy, Notes)> {
         let key = (set.namespace()?, set.name_any());
+        if self.sets.get(&key) == Some(&set.spec) {
+            return None;
+        }
         self.sets.insert(key.clone(), set.spec.clone());
         let policy = self.raw.get(&key)?.clone();
         Some((policy, self.compile(&key)))
@@ -176,7 +180,26 @@ impl Policies {
         let Some(policy) = self.raw.get(key) else {
             return Notes::default();
         };
-        let (compiled, notes) = compile(key, policy, self.sets.get(key), &self.node);
+        let set = self.sets.get(key);
+        // A set resolved for another generation of the policy (the controller has not caught
+        // up with an edit yet, or is down): what is in force stays, rather than mixing the new
+        // spec's rules with the old set's addresses and parts.
+        let stale = set.is_some_and(|s| {
+            policy.uid().as_deref() == Some(s.policy_uid.as_str())
+                && Some(s.policy_generation) != policy.metadata.generation
+        });
+        if let (true, Some(previous)) = (stale, self.by_key.get(key)) {
+            if previous.needs_set.is_some() {
+                return Notes {
+                    invalid: Vec::new(),
+                    unresolved: vec![format!(
+                        "generation {}: waiting for the controller to resolve it; the rules of the one before stay in force",
+                        policy.metadata.generation.unwrap_or(0)
+                    )],
+                };
+            }
+        }
+        let (compiled, notes) = compile(key, policy, set, &self.node);
         self.by_key.insert(key.clone(), compiled);
         notes
     }
@@ -270,15 +293,22 @@ fn compile(
     // A set is this policy's only if it names its uid (not one of a deleted namesake).
     let set = set.filter(|s| uid.as_deref() == Some(s.policy_uid.as_str()));
     let shared = policy.spec.scope == Scope::Shared;
-    // This node's part of each rule's rate, once the controller split it.
-    let share = set.and_then(|s| s.shares.iter().find(|n| n.node == node));
-    let part = |direction: Direction, index: usize| {
-        share
-            .and_then(|s| match direction {
-                Direction::Egress => s.egress.get(index),
-                Direction::Ingress => s.ingress.get(index),
-            })
-            .and_then(|bps| Rate::from_bps(*bps).ok())
+    // This node's part of each rule's rate, once the controller split it (never more than
+    // the rate); a node the split left out (its pods are new to the controller) has the
+    // least part until the next split, so the parts never sum past the rate.
+    let shares = set.map(|s| s.shares.as_slice()).unwrap_or_default();
+    let share = shares.iter().find(|n| n.node == node);
+    let part = |direction: Direction, index: usize, rate: Rate| {
+        let bps = match share {
+            Some(s) => *match direction {
+                Direction::Egress => s.egress.get(index)?,
+                Direction::Ingress => s.ingress.get(index)?,
+            },
+            None if !shares.is_empty() => crate::share::least_part(rate.bps()),
+            None => return None,
+        };
+        // The datapath's least rate, 1k, is also the least part.
+        Rate::from_bps(bps.clamp(1_000, rate.bps().max(1_000))).ok()
     };
     let mut needs_set = shared;
     let mut report = SharedPolicy {
@@ -288,7 +318,7 @@ fn compile(
     };
     let mut rules = Vec::new();
     for rule in checked {
-        let rate = match part(rule.direction, rule.index) {
+        let rate = match part(rule.direction, rule.index, rule.rate) {
             Some(p) if shared => p,
             _ => rule.rate,
         };
@@ -374,7 +404,7 @@ pub fn rule_name(namespace: &str, name: &str, direction: Direction, index: usize
 
 /// FNV-1a, 64 bits: written out because the names it makes are pinned in the kernel across
 /// agent upgrades, and std's hashers promise no stable output.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     bytes
@@ -542,6 +572,55 @@ mod tests {
                 part: 10_000_000
             }]
         );
+    }
+
+    #[test]
+    fn a_set_of_another_generation_keeps_what_is_in_force() {
+        let mut p = Policies::on_node("node-a");
+        let mut v1 = policy(
+            "shop",
+            "db",
+            "podSelector: {}\negress: [{rate: 20M, peers: [{podSelector: {matchLabels: {app: db}}}]}]\n",
+        );
+        v1.metadata.generation = Some(1);
+        p.apply(&v1);
+        p.apply_set(&peer_set("shop", "db", "uid-db", &["198.18.5.5"]));
+        assert_eq!(bound(&p, "shop", &[])[0].rate.to_string(), "20M");
+        // Edited to 10M to other peers: until the controller resolves generation 2, the
+        // generation-1 rule stays, not the new rate over the old peers.
+        let mut v2 = policy(
+            "shop",
+            "db",
+            "podSelector: {}\negress: [{rate: 10M, peers: [{podSelector: {matchLabels: {app: cache}}}]}]\n",
+        );
+        v2.metadata.generation = Some(2);
+        let notes = p.apply(&v2);
+        assert!(notes.unresolved[0].contains("generation 2"), "{notes:?}");
+        assert_eq!(bound(&p, "shop", &[])[0].rate.to_string(), "20M");
+        let mut set = peer_set("shop", "db", "uid-db", &["198.18.6.6"]);
+        set.spec.policy_generation = 2;
+        p.apply_set(&set);
+        let rules = bound(&p, "shop", &[]);
+        assert_eq!(rules[0].rate.to_string(), "10M");
+        assert_eq!(rules[0].peers[0].cidr.to_string(), "198.18.6.6/32");
+    }
+
+    #[test]
+    fn a_nodes_part_never_exceeds_the_rate_and_a_node_left_out_gets_the_least() {
+        let shared = "podSelector: {}\nscope: Shared\negress: [{rate: 30M}]\n";
+        let mut set = peer_set("shop", "total", "uid-total", &[]);
+        set.spec.egress.clear();
+        set.spec.shares = vec![crate::policy::NodeShare {
+            node: "node-b".into(),
+            egress: vec![90_000_000],
+            ingress: Vec::new(),
+        }];
+        for (node, want) in [("node-b", "30M"), ("node-a", "300k")] {
+            let mut p = Policies::on_node(node);
+            p.apply(&policy("shop", "total", shared));
+            p.apply_set(&set);
+            assert_eq!(bound(&p, "shop", &[])[0].rate.to_string(), want, "{node}");
+        }
     }
 
     #[test]

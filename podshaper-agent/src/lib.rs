@@ -29,6 +29,12 @@ use tracing::{info, warn};
 pub use reconcile::Settings;
 pub use uninstall::signal_uninstall;
 
+/// How long the BandwidthPolicy API must answer 404 before the agent takes it as not
+/// installed (and so no policy to enforce).
+const CRD_ABSENT_AFTER: Duration = Duration::from_secs(30);
+/// How long a peer set watch may take to list before a change of the sets wanted replaces it.
+const SETS_RELIST_AFTER: Duration = Duration::from_secs(10);
+
 type PeerSetWatch =
     futures::stream::BoxStream<'static, Result<watcher::Event<policy::BandwidthPeerSet>, watcher::Error>>;
 
@@ -119,6 +125,9 @@ pub async fn run(opts: Options) -> Result<()> {
     // this node nothing of the others. Watched anew when that list changes.
     let mut peer_sets: Option<PeerSetWatch> = None;
     let mut watched_sets: Option<BTreeSet<String>> = None;
+    let mut sets_watched_since = tokio::time::Instant::now();
+    // When the policy list first answered 404 (the CRD not served) in a row.
+    let mut not_served_since: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let shutdown = podshaper_daemon::shutdown_signal()?;
     tokio::pin!(shutdown);
@@ -133,9 +142,19 @@ pub async fn run(opts: Options) -> Result<()> {
                 None => break,
             },
             event = policies.next() => match event {
-                Some(Ok(event)) => reconciler.on_policy_event(event),
+                Some(Ok(event)) => {
+                    not_served_since = None;
+                    reconciler.on_policy_event(event)
+                }
+                // Not served for a while: the CRD is not installed. A moment's 404 (an
+                // apiserver starting) must not read as "no policies", which would lift them.
                 Some(Err(watcher::Error::InitialListFailed(kube::Error::Api(s)))) if s.code == 404 => {
-                    reconciler.no_policy_api()
+                    let since = *not_served_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= CRD_ABSENT_AFTER {
+                        reconciler.no_policy_api()
+                    } else {
+                        warn!("the BandwidthPolicy API answers 404; bindings stay as they are")
+                    }
                 }
                 // Bindings stay as they are meanwhile (fail-static).
                 Some(Err(e)) => warn!(error = %e, "BandwidthPolicy watch"),
@@ -148,8 +167,12 @@ pub async fn run(opts: Options) -> Result<()> {
             // The agent owns the daemon's periodic work too: one tick for both.
             _ = tick.tick() => reconciler.tick(),
         }
+        // A new watch relists every set it needs: not while the last one is still listing
+        // (unless that takes long), so quick changes cannot keep the sets from ever arriving.
         let wanted = reconciler.wanted_sets();
-        if wanted.is_some() && wanted != watched_sets {
+        let settled = !reconciler.listing_sets() || sets_watched_since.elapsed() >= SETS_RELIST_AFTER;
+        if wanted.is_some() && wanted != watched_sets && settled {
+            sets_watched_since = tokio::time::Instant::now();
             peer_sets = wanted
                 .as_ref()
                 .filter(|uids| !uids.is_empty())

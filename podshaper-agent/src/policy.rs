@@ -518,6 +518,7 @@ pub(crate) fn test_policy(namespace: &str, name: &str, spec: &str) -> BandwidthP
     let mut p = BandwidthPolicy::new(name, spec);
     p.metadata.namespace = Some(namespace.into());
     p.metadata.uid = Some(format!("uid-{name}"));
+    p.metadata.generation = Some(1);
     p
 }
 

@@ -297,7 +297,11 @@ impl Reconciler {
                 }
                 told
             }
-            watcher::Event::Apply(s) => self.policies.apply_set(&s).into_iter().collect(),
+            watcher::Event::Apply(s) => match self.policies.apply_set(&s) {
+                Some(told) => vec![told],
+                // Its status alone changed (another node's report): nothing to redo.
+                None => return,
+            },
             watcher::Event::Delete(s) => self.policies.delete_set(&s).into_iter().collect(),
         };
         for (p, notes) in told {
@@ -318,6 +322,11 @@ impl Reconciler {
             .filter(|t| !t.finished())
             .map(|t| (t.pod.namespace.as_str(), &t.pod.labels));
         Some(self.policies.wanted_sets(pods))
+    }
+
+    /// Whether the peer set watch is listing.
+    pub fn listing_sets(&self) -> bool {
+        self.set_listing.is_some()
     }
 
     /// No peer set is needed (any more): the known ones are dropped and nothing waits for them.
@@ -437,8 +446,9 @@ impl Reconciler {
             Ok(rules) => rules,
             Err(e) => return warn!(error = %e, "list peer rules"),
         };
+        let kept = self.rules_of_pods_in_conflict();
         for r in on_node {
-            if !r.name.starts_with(RULE_PREFIX) || wanted.contains_key(&r.name) {
+            if !r.name.starts_with(RULE_PREFIX) || wanted.contains_key(&r.name) || kept.contains(&r.name) {
                 continue;
             }
             let removed = self.daemon().remove_rule(&r.name);
@@ -450,6 +460,28 @@ impl Reconciler {
                 Err(e) => warn!(rule = %r.name, error = %e, "remove peer rule"),
             }
         }
+    }
+
+    /// The rules bound now to the pods that more rules select than they hold: they keep them
+    /// (nothing of a conflict is changed), so those rules stay on the node too.
+    fn rules_of_pods_in_conflict(&self) -> HashSet<String> {
+        let mut kept = HashSet::new();
+        for t in self.pods.values().filter(|t| !t.finished()) {
+            if !matches!(
+                self.policies.rules_for(&t.pod.namespace, &t.pod.labels),
+                PodRules::TooMany(_)
+            ) {
+                continue;
+            }
+            let dir = match &t.applied {
+                Some((dir, _)) => Some(dir.clone()),
+                None => podcgroup::find(&self.cgroup_root, &t.pod.uid, t.pod.qos, self.settings.driver),
+            };
+            if let Some(dir) = dir {
+                kept.extend(self.in_force(&dir).rules);
+            }
+        }
+        kept
     }
 
     fn forget(&mut self, uid: &str) {
@@ -935,7 +967,12 @@ impl Reconciler {
             "status": {"nodes": [status]},
         });
         let api: kube::Api<BandwidthPeerSet> = kube::Api::namespaced(self.client.clone(), &namespace);
-        let manager: String = format!("podshaper-agent/{node}").chars().take(128).collect();
+        // A field manager name holds 128 bytes; a node name up to 253: a long one keeps its
+        // head and a hash of the whole, so two nodes never share an entry.
+        let manager = match format!("podshaper-agent/{node}") {
+            m if m.len() <= 128 => m,
+            m => format!("{}~{:016x}", &m[..100], bindings::fnv1a(node.as_bytes())),
+        };
         tokio::spawn(async move {
             let params = kube::api::PatchParams::apply(&manager).force();
             if let Err(e) = api

@@ -30,6 +30,11 @@ const WORTH_REPORTING: f64 = 0.1;
 /// The least rate a part may be (the datapath's minimum).
 const MIN_BPS: u64 = 1_000;
 
+/// The part of a node that has none yet: [`FLOOR`] of the rate.
+pub fn least_part(rate: u64) -> u64 {
+    ((rate as f64 * FLOOR) as u64).clamp(MIN_BPS.min(rate), rate)
+}
+
 /// Splits `rate` bits/s among nodes by their demand (none: not reported yet); each node's
 /// part, in order, summing to `rate` (to rounding).
 pub fn split(rate: u64, demands: &[Option<RuleDemand>]) -> Vec<u64> {
@@ -77,6 +82,8 @@ pub fn split(rate: u64, demands: &[Option<RuleDemand>]) -> Vec<u64> {
         }
         open = rest;
     }
+    // At least the datapath's least rate, unless the rate is too small for every node to
+    // have it (then the parts may sum past it by at most that least rate each).
     parts.iter().map(|p| (p.round() as u64).max(MIN_BPS)).collect()
 }
 

@@ -463,6 +463,25 @@ fn through_a_restart(
     report
 }
 
+/// A node of the two-node lab on this machine: a kubelet and an agent of `name` on a cgroup
+/// subtree of their own, so that the agent's node-level program never sees the other node's
+/// sockets (only what crosses the wire joins them, as between two machines).
+fn lab_node(cluster: &Cluster, name: &str) -> (Kubelet, AgentProcess) {
+    let mount = podshaper_ebpf::cgroup::cgroup2_mount().unwrap();
+    let prefix = unique_name(name);
+    std::fs::create_dir(mount.join(&prefix)).unwrap();
+    let kubelet = cluster.kubelet(name, CgroupDriver::Cgroupfs, &prefix).unwrap();
+    let root = mount.join(&prefix);
+    let root = root.to_str().unwrap();
+    let agent = agent_on(
+        cluster,
+        name,
+        None,
+        &["--cgroup-root", root, "--cgroup-driver", "cgroupfs"],
+    );
+    (kubelet, agent)
+}
+
 /// L3 mean of the TCP report's intervals within from..to seconds.
 fn l3_between(r: &podshaper_testbed::IperfReport, from: f64, to: f64) -> f64 {
     let bps = r
@@ -490,23 +509,8 @@ fn rate_options(agent: &AgentProcess, event: &str) -> u64 {
 async fn an_ingress_annotation_paces_a_sender_on_another_node_live() {
     let Some(_g) = privileged() else { return };
     let cluster = cluster().await;
-    let mount = podshaper_ebpf::cgroup::cgroup2_mount().unwrap();
-    let node = |name: &str| {
-        let prefix = unique_name(name);
-        std::fs::create_dir(mount.join(&prefix)).unwrap();
-        let kubelet = cluster.kubelet(name, CgroupDriver::Cgroupfs, &prefix).unwrap();
-        let root = mount.join(&prefix);
-        let root = root.to_str().unwrap();
-        let agent = agent_on(
-            &cluster,
-            name,
-            None,
-            &["--cgroup-root", root, "--cgroup-driver", "cgroupfs"],
-        );
-        (kubelet, agent)
-    };
-    let (kubelet_a, agent_a) = node("node-a");
-    let (kubelet_b, agent_b) = node("node-b");
+    let (kubelet_a, agent_a) = lab_node(&cluster, "node-a");
+    let (kubelet_b, agent_b) = lab_node(&cluster, "node-b");
     let pair = NetnsPair::new().unwrap();
     let web = kubelet_a
         .run_pod(NS, "web", QosClass::Burstable, &[(INGRESS, "30M")], "198.18.0.1")
@@ -1686,7 +1690,7 @@ async fn service_with_endpoint(
         .unwrap();
 }
 
-/// A Shared policy over pods on two nodes (two agents, one per node): the controller splits
+/// A Shared policy over pods on two nodes of the two-node lab: the controller splits
 /// the rate between the nodes, their pods' sum holds it, and once one node's pod goes idle its
 /// part moves to the busy node within a report period (10 s) or so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1694,10 +1698,8 @@ async fn a_shared_bandwidth_policy_across_two_nodes_holds_the_sum_and_moves_an_i
     use podshaper_agent::policy::BandwidthPeerSet;
     let Some(_g) = privileged() else { return };
     let cluster = cluster().await;
-    let kubelet_a = kubelet(&cluster, CgroupDriver::Systemd, "");
-    let kubelet_b = cluster.kubelet("node-b", CgroupDriver::Systemd, "").unwrap();
-    let agent_a = agent(&cluster, None);
-    let agent_b = agent_on(&cluster, "node-b", None, &[]);
+    let (kubelet_a, agent_a) = lab_node(&cluster, "node-a");
+    let (kubelet_b, agent_b) = lab_node(&cluster, "node-b");
     let _controller = controller(&cluster, "controller-0").await;
     let pair = NetnsPair::new().unwrap();
     let b = IpAddr::V4(NetnsPair::B_V4);
@@ -1844,4 +1846,52 @@ async fn a_policy_never_changes_a_flow_with_no_endpoint_in_its_namespace() {
         "other's download: {:.1} Mbit/s",
         back / 1e6
     );
+}
+
+/// More policy rules selecting a pod than it holds (4 a direction): it keeps the bindings it
+/// has, nothing of them is lifted on the node, and it is told why; once the extra policy goes
+/// the conflict is over and nothing changed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_selected_by_more_rules_than_it_holds_keeps_what_it_has() {
+    let Some(_g) = privileged() else { return };
+    let cluster = cluster().await;
+    let kubelet = kubelet(&cluster, CgroupDriver::Systemd, "");
+    let agent = agent(&cluster, None);
+    let _pod = kubelet
+        .run_labeled_pod_at(NS, "batch", &[("app", "batch")], "198.18.0.1")
+        .await
+        .unwrap();
+    create_policy(
+        &cluster,
+        &bwp(
+            "three",
+            "podSelector: {matchLabels: {app: batch}}\negress: [{rate: 10M}, {rate: 20M}, {rate: 30M}]\n",
+        ),
+    )
+    .await;
+    let bound = [
+        "bwp:shop/three:egress0",
+        "bwp:shop/three:egress1",
+        "bwp:shop/three:egress2",
+    ];
+    agent
+        .wait_pod_rules(NS, "batch", &bound, Duration::from_secs(5))
+        .unwrap();
+    create_policy(
+        &cluster,
+        &bwp("two", "podSelector: {}\negress: [{rate: 1M}, {rate: 2M}]\n"),
+    )
+    .await;
+    let note = cluster
+        .wait_event(NS, "batch", "BandwidthPolicyConflict", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(note.contains("5 egress rules"), "{note}");
+    // Past a sweep of unneeded rules (every 10 s), the pod's rules and bindings are as before.
+    thread::sleep(Duration::from_secs(11));
+    assert_eq!(agent.pod_rules(NS, "batch").unwrap(), bound);
+    assert_eq!(policy_rules(&agent), bound);
+    delete_policy(&cluster, "two").await;
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.pod_rules(NS, "batch").unwrap(), bound);
 }

@@ -169,6 +169,9 @@ struct Selectors {
 pub struct Published {
     /// The addresses of its pod peers; none when it has no selector peer or is invalid.
     pub peer_set: Option<BandwidthPeerSetSpec>,
+    /// Leave the set as it is (the selectors pick too many addresses: what is enforced stays,
+    /// rather than lifting the cap or applying half of it).
+    pub keep_set: bool,
     pub status: BandwidthPolicyStatus,
 }
 
@@ -243,6 +246,10 @@ impl Index {
 
     pub fn set_slice(&mut self, key: Key, slice: SliceInfo) -> bool {
         self.slices.insert(key, slice.clone()) != Some(slice)
+    }
+
+    pub fn slice(&self, key: &Key) -> Option<&SliceInfo> {
+        self.slices.get(key)
     }
 
     pub fn delete_slice(&mut self, key: &Key) -> bool {
@@ -418,12 +425,15 @@ impl Index {
             .flat_map(|s| s.egress.iter().chain(&s.ingress))
             .map(|r| r.addresses.len())
             .sum();
+        // The count stays out of the message: a message that changed with every pod would be
+        // a status write with every pod.
         let too_many = (addresses > MAX_RESOLVED).then(|| {
             format!(
-                "its selectors pick {addresses} addresses, more than the {MAX_RESOLVED} a policy may resolve to; it changes nothing (narrow the selectors, or use an ipBlock of the pod CIDR)"
+                "its selectors pick more than the {MAX_RESOLVED} addresses a policy may resolve to; the peers in force are kept as they were (narrow the selectors, or use an ipBlock of the pod CIDR)"
             )
         });
-        let peer_set = peer_set.filter(|_| too_many.is_none());
+        let keep_set = too_many.is_some();
+        let peer_set = peer_set.filter(|_| !keep_set);
         let (accepted, reason, message) = match (&checked_reasons, too_many) {
             (None, Some(why)) => ("False", "TooManyPeers", why),
             (None, None) => ("True", "Accepted", String::new()),
@@ -455,7 +465,11 @@ impl Index {
             selected_pods: Some(i32::try_from(selected.len()).unwrap_or(i32::MAX)),
             enforcing_nodes: Some(i32::try_from(nodes.len()).unwrap_or(i32::MAX)),
         };
-        Some(Published { peer_set, status })
+        Some(Published {
+            peer_set,
+            keep_set,
+            status,
+        })
     }
 
     /// The addresses of the pods the selector peers pick, as NetworkPolicy reads them: a
@@ -782,9 +796,17 @@ mod tests {
         }
         let p = index.publish(&k, now(), None).unwrap();
         assert_eq!(p.peer_set, None);
+        assert!(p.keep_set, "the set in force stays");
         let c = &p.status.conditions[0];
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "TooManyPeers"));
-        assert!(c.message.contains("50002 addresses"), "{}", c.message);
+        assert!(c.message.contains("50000 addresses"), "{}", c.message);
+        // One pod more or less: the same condition (only the counts change, written at most
+        // every 30 s).
+        index.delete_pod("shop", "db-0");
+        assert_eq!(
+            index.publish(&k, now(), None).unwrap().status.conditions,
+            p.status.conditions
+        );
     }
 
     #[test]

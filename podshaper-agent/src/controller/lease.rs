@@ -16,12 +16,15 @@ use kube::{
     api::{ObjectMeta, PostParams},
     Api, Client,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// How long a lease holds without renewal (client-go's default).
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often the holder renews, and a candidate tries.
 pub const RETRY_PERIOD: Duration = Duration::from_secs(2);
+/// How long the holder keeps trying to renew before it gives up leading (client-go's
+/// default): well before the lease lapses in another candidate's eyes.
+pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 
 /// One candidate for one Lease.
 pub struct Elector {
@@ -51,40 +54,49 @@ impl Elector {
         }
     }
 
-    /// Waits until this candidate holds the lease.
+    /// Waits until this candidate holds the lease. An API error is logged and tried again:
+    /// a standby that crashed on one would come back late for a failover.
     pub async fn acquire(&self) -> Result<()> {
         let mut said = None;
         loop {
-            match self.try_hold().await? {
-                Verdict::Held => {
+            match tokio::time::timeout(RENEW_DEADLINE, self.try_hold()).await {
+                Ok(Ok(Verdict::Held)) => {
                     info!(lease = %self.name, identity = %self.identity, "leader");
                     return Ok(());
                 }
-                Verdict::Other(holder) => {
+                Ok(Ok(Verdict::Other(holder))) => {
                     if said.as_ref() != Some(&holder) {
                         info!(lease = %self.name, %holder, "waiting for the lease");
                         said = Some(holder);
                     }
                 }
+                Ok(Err(e)) => warn!(error = %e, "campaign for the lease"),
+                Err(_) => warn!("campaign for the lease: no answer within {RENEW_DEADLINE:?}"),
             }
             tokio::time::sleep(RETRY_PERIOD).await;
         }
     }
 
-    /// Renews the lease until a renewal fails for longer than the lease lasts (someone else
-    /// may hold it by then): returns the error then. Never returns otherwise.
+    /// Renews the lease every RETRY_PERIOD until no renewal succeeded for RENEW_DEADLINE,
+    /// counted from the start of the last attempt that did (someone else may take it soon
+    /// after): returns the error then. Never returns otherwise. Each attempt is bounded, so a
+    /// hung request cannot outlast the deadline.
     pub async fn keep(&self) -> Result<()> {
-        let mut last_renewal = tokio::time::Instant::now();
+        let mut renewed = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(RETRY_PERIOD).await;
-            match self.try_hold().await {
-                Ok(Verdict::Held) => last_renewal = tokio::time::Instant::now(),
-                Ok(Verdict::Other(holder)) => anyhow::bail!("lease {} taken by {holder}", self.name),
-                Err(e) => debug!(error = %e, "renew the lease"),
+            let started = tokio::time::Instant::now();
+            let left = RENEW_DEADLINE
+                .saturating_sub(renewed.elapsed())
+                .max(Duration::from_millis(100));
+            match tokio::time::timeout(left, self.try_hold()).await {
+                Ok(Ok(Verdict::Held)) => renewed = started,
+                Ok(Ok(Verdict::Other(holder))) => anyhow::bail!("lease {} taken by {holder}", self.name),
+                Ok(Err(e)) => debug!(error = %e, "renew the lease"),
+                Err(_) => debug!("renew the lease: no answer in time"),
             }
-            // Stop before the lease can expire in another candidate's eyes.
-            if last_renewal.elapsed() + RETRY_PERIOD >= LEASE_DURATION {
-                anyhow::bail!("could not renew lease {} within {LEASE_DURATION:?}", self.name);
+            if renewed.elapsed() >= RENEW_DEADLINE {
+                anyhow::bail!("could not renew lease {} within {RENEW_DEADLINE:?}", self.name);
             }
         }
     }

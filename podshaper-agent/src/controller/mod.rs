@@ -64,13 +64,27 @@ pub async fn run(opts: Options) -> Result<()> {
         .context("connect to the Kubernetes API")?;
     let shutdown = podshaper_daemon::shutdown_signal()?;
     tokio::pin!(shutdown);
-    let elector = lease::Elector::new(client.clone(), &opts.namespace, &opts.lease_name, &opts.identity);
+    let elector = std::sync::Arc::new(lease::Elector::new(
+        client.clone(),
+        &opts.namespace,
+        &opts.lease_name,
+        &opts.identity,
+    ));
     tokio::select! {
         _ = &mut shutdown => return Ok(()),
         held = elector.acquire() => held?,
     }
-    let keep = elector.keep();
-    tokio::pin!(keep);
+    // Renewed in a task of its own, so a long flush never delays a renewal; writes stop as
+    // soon as it gives up.
+    let leading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut keep = {
+        let (elector, leading) = (elector.clone(), leading.clone());
+        tokio::spawn(async move {
+            let lost = elector.keep().await;
+            leading.store(false, std::sync::atomic::Ordering::SeqCst);
+            lost
+        })
+    };
 
     let mut policies = std::pin::pin!(watcher(
         Api::<BandwidthPolicy>::all(client.clone()),
@@ -96,13 +110,16 @@ pub async fn run(opts: Options) -> Result<()> {
     let sets_config = watcher::Config::default().labels(POLICY_UID_LABEL);
     let mut sets =
         std::pin::pin!(watcher(Api::<BandwidthPeerSet>::all(client.clone()), sets_config).default_backoff());
-    let mut controller = Controller::new(client);
+    let mut controller = Controller::new(client, leading);
     let mut flush = tokio::time::interval(FLUSH_PERIOD);
     info!(identity = %opts.identity, "controller started");
     let result = loop {
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
-            lost = &mut keep => break lost.context("leadership lost"),
+            lost = &mut keep => break match lost {
+                Ok(lost) => lost.context("leadership lost"),
+                Err(e) => Err(e).context("the lease renewal task"),
+            },
             Some(e) = policies.next() => match e {
                 Ok(e) => controller.on_policy(e),
                 Err(e) => warn!(error = %e, "BandwidthPolicy watch"),
@@ -130,6 +147,7 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = flush.tick() => controller.flush().await,
         }
     };
+    keep.abort();
     if let Err(e) = elector.release().await {
         debug!(error = %e, "release the lease");
     }
@@ -143,6 +161,8 @@ type Listing = Option<HashSet<Key>>;
 /// The controller's state between events.
 struct Controller {
     client: Client,
+    /// Whether this process still holds the Lease: no write once it may not.
+    leading: std::sync::Arc<std::sync::atomic::AtomicBool>,
     index: Index,
     /// The peer sets as they are in the API (the controller's own writes come back here).
     sets: BTreeMap<Key, BandwidthPeerSet>,
@@ -168,9 +188,10 @@ const SLICES: usize = 5;
 const WATCHES: usize = 6;
 
 impl Controller {
-    fn new(client: Client) -> Self {
+    fn new(client: Client, leading: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
         Self {
             client,
+            leading,
             index: Index::default(),
             sets: BTreeMap::new(),
             dirty: BTreeSet::new(),
@@ -228,6 +249,7 @@ impl Controller {
                 if let Some(ns) = p.namespace() {
                     let key = (ns, p.name_any());
                     self.index.delete_policy(&key);
+                    self.status_written.remove(&key);
                     self.dirty.insert(key);
                 }
             }
@@ -333,32 +355,58 @@ impl Controller {
 
     fn on_slice(&mut self, event: watcher::Event<EndpointSlice>) {
         let gone = self.track(SLICES, &event, self.index.slice_keys());
-        let mut changed = false;
         for key in gone {
-            changed |= self.index.delete_slice(&key);
+            self.slice_changed(key, None);
         }
         match event {
             watcher::Event::InitApply(s) | watcher::Event::Apply(s) => {
                 if let Some((ns, name, info)) = SliceInfo::of(&s) {
-                    changed |= self.index.set_slice((ns, name), info);
+                    self.slice_changed((ns, name), Some(info));
                 }
             }
             watcher::Event::Delete(s) => {
                 if let Some(ns) = s.namespace() {
-                    changed |= self.index.delete_slice(&(ns, s.name_any()));
+                    self.slice_changed((ns, s.name_any()), None);
                 }
             }
             _ => {}
         }
-        if changed {
-            self.all_dirty();
+    }
+
+    /// Puts a slice's new state (none: gone) in the index and marks the policies that pick
+    /// one of its pods, before or after: only they can gain or lose its Service's address.
+    fn slice_changed(&mut self, key: Key, info: Option<SliceInfo>) {
+        let mut pods: Vec<Key> = self
+            .index
+            .slice(&key)
+            .map(|s| s.pods.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .flatten()
+            .collect();
+        pods.extend(info.iter().flat_map(|s| s.pods.iter().flatten().cloned()));
+        let changed = match info {
+            Some(info) => self.index.set_slice(key, info),
+            None => self.index.delete_slice(&key),
+        };
+        if !changed {
+            return;
+        }
+        for (ns, name) in pods {
+            let Some(labels) = self.index.pod(&ns, &name).map(|p| p.labels.clone()) else {
+                continue;
+            };
+            let touched = self.index.touching(&ns, &[&labels], &[]);
+            self.dirty.extend(touched);
         }
     }
 
     fn on_peer_set(&mut self, event: watcher::Event<BandwidthPeerSet>) {
         let gone = self.track(SETS, &event, self.sets.keys().cloned().collect());
         for key in gone {
+            // Deleted while the watch was down: published again if its policy wants one.
             self.sets.remove(&key);
+            self.dirty.insert(key);
         }
         match event {
             watcher::Event::InitApply(s) | watcher::Event::Apply(s) => {
@@ -404,6 +452,9 @@ impl Controller {
         }
         let dirty = std::mem::take(&mut self.dirty);
         for key in dirty {
+            if !self.leading.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             if let Err(e) = self.publish(&key).await {
                 warn!(policy = %format!("{}/{}", key.0, key.1), error = %e, "publish");
                 self.later.insert(key, now + RETRY_AFTER);
@@ -428,6 +479,7 @@ impl Controller {
             return Ok(());
         };
         match published.peer_set {
+            _ if published.keep_set => {}
             Some(spec) => {
                 let current = self.sets.get(key);
                 if current.map(|s| &s.spec) != Some(&spec) {
