@@ -1182,7 +1182,11 @@ fn flows_from(pair: &NetnsPair, pods: &[(&RunningPod, IpAddr)], reverse: bool, s
     podshaper_testbed::tcp_flows_at_once(pair.a(), pair.b(), None, &flows, reverse, secs)
         .expect("iperf3 flows")
         .iter()
-        .map(|r| L3::TCP_V4.l3_bps(r.mean_after_bps(1.0).expect("intervals")))
+        .zip(pods)
+        .map(|(r, (_, to))| {
+            let l3 = if to.is_ipv6() { L3::TCP_V6 } else { L3::TCP_V4 };
+            l3.l3_bps(r.mean_after_bps(1.0).expect("intervals"))
+        })
         .collect()
 }
 
@@ -1199,8 +1203,8 @@ fn assert_capped_beside_free(capped_what: &str, capped: f64, rate: u64, free_wha
 }
 
 /// A BandwidthPolicy through the agent, end to end with real traffic: an ipBlock rule (with an
-/// except) caps the selected pod's traffic to those peers while its traffic to the except runs
-/// free at the same time; a peer-less ingress rule caps all it receives; a pod the policy does
+/// except, IPv4 and IPv6) caps the selected pod's traffic to those peers while its traffic to
+/// the except runs free at the same time; a peer-less ingress rule caps all it receives; a pod the policy does
 /// not select, and an invalid policy, change nothing; a label change moves the pod out of the
 /// policy and back in, live; the binding holds through an agent restart; deleting the policy
 /// lifts everything it set and leaves no rule, binding or link behind.
@@ -1226,7 +1230,8 @@ async fn a_bandwidth_policy_caps_ip_block_peers_live_and_its_deletion_lifts_ever
         &bwp(
             "batch-cap",
             "podSelector: {matchLabels: {app: batch}}\n\
-             egress:\n- rate: 20M\n  peers:\n  - ipBlock: {cidr: 198.18.0.0/24, except: [198.18.0.2/32]}\n\
+             egress:\n- rate: 20M\n  peers:\n  - ipBlock: {cidr: 198.18.0.0/24, except: [198.18.0.2/32]}\n  \
+             - ipBlock: {cidr: '2001:2::/64', except: ['2001:2::2/128']}\n\
              ingress:\n- rate: 30M\n",
         ),
     )
@@ -1248,6 +1253,16 @@ async fn a_bandwidth_policy_caps_ip_block_peers_live_and_its_deletion_lifts_ever
     let rates = flows_from(&pair, &[(&pod, b2), (&pod, b)], false, 4);
     assert_capped_beside_free(
         "egress to the ipBlock",
+        rates[0],
+        20 * M,
+        "to its except",
+        rates[1],
+    );
+    // IPv6 the same: ::3 in 2001:2::/64, ::2 its except.
+    let (b6, b26) = (IpAddr::V6(NetnsPair::B_V6), IpAddr::V6(NetnsPair::B2_V6));
+    let rates = flows_from(&pair, &[(&pod, b26), (&pod, b6)], false, 4);
+    assert_capped_beside_free(
+        "egress to the IPv6 ipBlock",
         rates[0],
         20 * M,
         "to its except",
