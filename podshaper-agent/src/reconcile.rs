@@ -4,7 +4,7 @@
 //! should see becomes an Event on the pod. Synchronous: the datapath is in-process and answers
 //! in microseconds; Events go out in tasks of their own.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
@@ -396,9 +396,12 @@ impl Reconciler {
         if self.uninstalled || !self.bindings_known() {
             return;
         }
-        let wanted = self.wanted_rules();
-        let rules: Vec<PeerRule> = wanted.values().cloned().collect();
-        self.ensure_rules(&rules);
+        let (wanted, to_set) = {
+            let wanted = self.wanted_rules();
+            let names: BTreeSet<String> = wanted.keys().map(|n| n.to_string()).collect();
+            (names, self.not_set(wanted.into_values()))
+        };
+        self.set_rules(&to_set);
         let uids: Vec<String> = self.pods.keys().cloned().collect();
         for uid in uids {
             self.reconcile(&uid);
@@ -407,25 +410,31 @@ impl Reconciler {
     }
 
     /// The rules the pods of this node are to be bound to, by name.
-    fn wanted_rules(&self) -> BTreeMap<String, PeerRule> {
+    fn wanted_rules(&self) -> BTreeMap<&str, &PeerRule> {
         let mut wanted = BTreeMap::new();
         for t in self.pods.values().filter(|t| !t.finished()) {
             if let PodRules::Bound(rules) = self.policies.rules_for(&t.pod.namespace, &t.pod.labels) {
                 for r in rules {
-                    wanted.insert(r.name.clone(), r.clone());
+                    wanted.insert(r.name.as_str(), r);
                 }
             }
         }
         wanted
     }
 
-    /// Sets each of `rules` that this process has not set as it is now. A rule that cannot
-    /// be set is logged; the pods bound to it fail their apply and say why.
-    fn ensure_rules(&mut self, rules: &[PeerRule]) {
+    /// Those of `rules` this process has not set as they are now, copied: what to set.
+    fn not_set<'a>(&self, rules: impl IntoIterator<Item = &'a PeerRule>) -> Vec<PeerRule> {
+        rules
+            .into_iter()
+            .filter(|r| self.rules_set.get(&r.name) != Some(*r))
+            .cloned()
+            .collect()
+    }
+
+    /// Sets `rules` on the node. A rule that cannot be set is logged; the pods bound to it
+    /// fail their apply and say why.
+    fn set_rules(&mut self, rules: &[PeerRule]) {
         for rule in rules {
-            if self.rules_set.get(&rule.name) == Some(rule) {
-                continue;
-            }
             let set = self.daemon().set_rule(rule);
             match set {
                 Ok(()) => {
@@ -440,7 +449,7 @@ impl Reconciler {
     /// Removes the agent's rules on the node that are not in `wanted` (those of deleted
     /// policies, or of policies that select no pod here any more), also ones set before a
     /// restart. Rules set by hand (without the prefix) stay.
-    fn remove_unwanted_rules(&mut self, wanted: &BTreeMap<String, PeerRule>) {
+    fn remove_unwanted_rules(&mut self, wanted: &BTreeSet<String>) {
         let on_node = self.daemon().rules();
         let on_node = match on_node {
             Ok(rules) => rules,
@@ -448,7 +457,7 @@ impl Reconciler {
         };
         let kept = self.rules_of_pods_in_conflict();
         for r in on_node {
-            if !r.name.starts_with(RULE_PREFIX) || wanted.contains_key(&r.name) || kept.contains(&r.name) {
+            if !r.name.starts_with(RULE_PREFIX) || wanted.contains(&r.name) || kept.contains(&r.name) {
                 continue;
             }
             let removed = self.daemon().remove_rule(&r.name);
@@ -606,17 +615,16 @@ impl Reconciler {
         let parsed = annotations::parse(Some(&pod.annotations), self.settings.max_rate);
         // The rules to bind: none known before the policies are listed; with too many, the
         // bindings in force stay and the pod is told.
-        let (rules, conflict): (Option<Vec<PeerRule>>, Option<String>) = if self.bindings_known() {
+        // Names only here: this runs for every event of the pod (status updates included), and
+        // a rule's peers may be tens of thousands of addresses.
+        let (names, conflict): (Option<Vec<String>>, Option<String>) = if self.bindings_known() {
             match self.policies.rules_for(&pod.namespace, &pod.labels) {
-                PodRules::Bound(rules) => (Some(rules.into_iter().cloned().collect()), None),
+                PodRules::Bound(rules) => (Some(bindings::names(&rules)), None),
                 PodRules::TooMany(why) => (None, Some(why)),
             }
         } else {
             (None, None)
         };
-        let names = rules
-            .as_ref()
-            .map(|r| bindings::names(&r.iter().collect::<Vec<_>>()));
         let decision = {
             let known = Known {
                 parsed: &parsed,
@@ -655,7 +663,11 @@ impl Reconciler {
             Decision::WaitForCgroup => self.cgroup_missing(uid),
             Decision::Apply { dir, wanted, capped } => {
                 // A rule exists on the node before a cgroup is bound to it.
-                self.ensure_rules(rules.as_deref().unwrap_or_default());
+                let to_set = match self.policies.rules_for(&pod.namespace, &pod.labels) {
+                    PodRules::Bound(rules) if wanted.rules.is_some() => self.not_set(rules),
+                    _ => Vec::new(),
+                };
+                self.set_rules(&to_set);
                 self.apply(uid, &pod, dir, wanted, capped)
             }
         }
@@ -907,7 +919,7 @@ impl Reconciler {
         self.report_demand(now);
         // Rules no pod here needs since a pod's labels changed or it went.
         if self.ticks.is_multiple_of(10) && self.bindings_known() && !self.uninstalled {
-            let wanted = self.wanted_rules();
+            let wanted: BTreeSet<String> = self.wanted_rules().keys().map(|n| n.to_string()).collect();
             self.remove_unwanted_rules(&wanted);
         }
         self.refresh_metrics();
@@ -916,7 +928,8 @@ impl Reconciler {
     /// Reports this node's use of each Shared policy with a pod here to the policy's peer set,
     /// when a report is due (see [`share::Reporter`]): the controller splits the rate by it.
     fn report_demand(&mut self, now: Instant) {
-        if self.uninstalled || !self.bindings_known() {
+        if self.uninstalled || !self.bindings_known() || self.policies.shared().is_empty() {
+            self.reporters.clear();
             return;
         }
         let on_node = self.daemon().rules();

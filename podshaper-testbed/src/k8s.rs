@@ -1054,7 +1054,7 @@ impl Cluster {
 }
 
 /// Polls `get` until it returns `want`; how long that took, or an error saying what it was.
-fn wait_for<T, W>(what: &str, want: &W, within: Duration, get: impl Fn() -> Result<T>) -> Result<Duration>
+pub fn wait_for<T, W>(what: &str, want: &W, within: Duration, get: impl Fn() -> Result<T>) -> Result<Duration>
 where
     T: PartialEq<W> + std::fmt::Debug,
     W: std::fmt::Debug + ?Sized,

@@ -17,23 +17,7 @@ pub fn add(pair: &NetnsPair) -> Result<Ipv4Addr, Error> {
     let vip = SERVICE_V4;
     let b = pair.b();
     b.ip(&["route", "add", &format!("{vip}/32"), "dev", pair.veth_b()])?;
-    b.run(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-d",
-            &vip.to_string(),
-            "-p",
-            "tcp",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &NetnsPair::A_V4.to_string(),
-        ],
-    )?;
+    dnat(b, "OUTPUT", vip, NetnsPair::A_V4)?;
     Ok(vip)
 }
 
@@ -51,22 +35,27 @@ pub fn add_for_a(pair: &NetnsPair, vip: Ipv4Addr, backend: Ipv4Addr) -> Result<(
         "dev",
         pair.veth_a(),
     ])?;
-    pair.b().run(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            &vip.to_string(),
-            "-p",
-            "tcp",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &backend.to_string(),
-        ],
-    )?;
+    dnat(pair.b(), "PREROUTING", vip, backend)?;
+    Ok(())
+}
+
+/// An iptables nat rule in `ns`'s `chain` rewriting TCP to `vip` to `to`, as kube-proxy's are.
+fn dnat(ns: &crate::Netns, chain: &str, vip: Ipv4Addr, to: Ipv4Addr) -> Result<(), Error> {
+    let (vip, to) = (vip.to_string(), to.to_string());
+    let args = [
+        "-t",
+        "nat",
+        "-A",
+        chain,
+        "-d",
+        &vip,
+        "-p",
+        "tcp",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &to,
+    ];
+    ns.run("iptables", &args)?;
     Ok(())
 }

@@ -703,12 +703,10 @@ async fn the_uninstall_hook_lifts_every_limit() {
         .run_labeled_pod_at(NS, "capped", &[("app", "batch")], "198.18.10.10")
         .await
         .unwrap();
-    create_policy(
+    new_policy(
         &cluster,
-        &bwp(
-            "cap",
-            "podSelector: {matchLabels: {app: batch}}\negress: [{rate: 5M}]\n",
-        ),
+        "cap",
+        "podSelector: {matchLabels: {app: batch}}\negress: [{rate: 5M}]\n",
     )
     .await;
     let bound = ["bwp:shop/cap:egress0"];
@@ -1149,6 +1147,11 @@ async fn create_policy(
     }
 }
 
+/// Creates the BandwidthPolicy `name` of NS from its spec in YAML.
+async fn new_policy(cluster: &Cluster, name: &str, spec: &str) -> podshaper_agent::policy::BandwidthPolicy {
+    create_policy(cluster, &bwp(name, spec)).await
+}
+
 /// A BandwidthPolicy named `name` from its spec in YAML.
 fn bwp(name: &str, spec: &str) -> podshaper_agent::policy::BandwidthPolicy {
     let spec = serde_yaml_ng::from_str(spec).expect("spec YAML");
@@ -1225,15 +1228,13 @@ async fn a_bandwidth_policy_caps_ip_block_peers_live_and_its_deletion_lifts_ever
         .run_pod_labeled(NS, "web", &[("app", "web")])
         .await
         .unwrap();
-    create_policy(
+    new_policy(
         &cluster,
-        &bwp(
-            "batch-cap",
-            "podSelector: {matchLabels: {app: batch}}\n\
+        "batch-cap",
+        "podSelector: {matchLabels: {app: batch}}\n\
              egress:\n- rate: 20M\n  peers:\n  - ipBlock: {cidr: 198.18.0.0/24, except: [198.18.0.2/32]}\n  \
              - ipBlock: {cidr: '2001:2::/64', except: ['2001:2::2/128']}\n\
              ingress:\n- rate: 30M\n",
-        ),
     )
     .await;
     let bound = ["bwp:shop/batch-cap:egress0", "bwp:shop/batch-cap:ingress0"];
@@ -1275,12 +1276,10 @@ async fn a_bandwidth_policy_caps_ip_block_peers_live_and_its_deletion_lifts_ever
 
     // An invalid policy selecting the same pod (host bits: the schema lets them through)
     // binds nothing and changes nothing.
-    create_policy(
+    new_policy(
         &cluster,
-        &bwp(
-            "bad",
-            "podSelector: {}\negress: [{rate: 1M, peers: [{ipBlock: {cidr: 198.18.0.1/24}}]}]",
-        ),
+        "bad",
+        "podSelector: {}\negress: [{rate: 1M, peers: [{ipBlock: {cidr: 198.18.0.1/24}}]}]",
     )
     .await;
     thread::sleep(Duration::from_secs(1));
@@ -1361,12 +1360,10 @@ async fn a_shared_bandwidth_policy_holds_the_sum_of_its_pods_on_a_node() {
         .run_pod_labeled(NS, "batch-2", &[("app", "batch")])
         .await
         .unwrap();
-    create_policy(
+    new_policy(
         &cluster,
-        &bwp(
-            "batch-total",
-            "podSelector: {matchLabels: {app: batch}}\nscope: Shared\negress: [{rate: 30M}]\n",
-        ),
+        "batch-total",
+        "podSelector: {matchLabels: {app: batch}}\nscope: Shared\negress: [{rate: 30M}]\n",
     )
     .await;
     let bound = ["bwp:shop/batch-total:egress0"];
@@ -1431,23 +1428,14 @@ async fn wait_status(
 
 /// Waits until the agent's rule `name` holds `prefixes` peer-table entries.
 fn wait_prefixes(agent: &AgentProcess, name: &str, prefixes: usize, within: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
-        let held = agent
-            .rules()
-            .unwrap()
+    podshaper_testbed::k8s::wait_for(&format!("{name}: entries"), &Some(prefixes), within, || {
+        Ok(agent
+            .rules()?
             .into_iter()
             .find(|r| r.name == name)
-            .map(|r| r.prefixes);
-        if held == Some(prefixes) {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < within,
-            "{name}: {held:?} entries, want {prefixes}"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+            .map(|r| r.prefixes))
+    })
+    .unwrap()
 }
 
 /// Pods as peers, through the controller and the agent, with real traffic: pod A (app=batch)
@@ -1480,14 +1468,12 @@ async fn a_bandwidth_policy_caps_traffic_to_pods_by_selector_live() {
         .run_labeled_pod_at(NS, "web", &[("app", "web")], &web_ip.to_string())
         .await
         .unwrap();
-    let created = create_policy(
+    let created = new_policy(
         &cluster,
-        &bwp(
-            "batch-to-db",
-            "podSelector: {matchLabels: {app: batch}}\n\
+        "batch-to-db",
+        "podSelector: {matchLabels: {app: batch}}\n\
              egress: [{rate: 20M, peers: [{podSelector: {matchLabels: {app: db}}}]}]\n\
              ingress: [{rate: 30M, peers: [{podSelector: {matchLabels: {app: db}}}]}]\n",
-        ),
     )
     .await;
     let bound = ["bwp:shop/batch-to-db:egress0", "bwp:shop/batch-to-db:ingress0"];
@@ -1561,12 +1547,10 @@ async fn a_bandwidth_policy_caps_traffic_to_pods_by_selector_live() {
     );
 
     // Invalid: the condition says why, nothing changes on the node.
-    create_policy(
+    new_policy(
         &cluster,
-        &bwp(
-            "bad",
-            "podSelector: {}\negress: [{rate: 1M, peers: [{podSelector: {}}, {ipBlock: {cidr: 198.18.0.1/24}}]}]",
-        ),
+        "bad",
+        "podSelector: {}\negress: [{rate: 1M, peers: [{podSelector: {}}, {ipBlock: {cidr: 198.18.0.1/24}}]}]",
     )
     .await;
     let status = wait_status(&cluster, "bad", Duration::from_secs(5), |s| {
@@ -1623,13 +1607,11 @@ async fn the_policy_controller_fails_over_and_enforcement_never_depends_on_it() 
         .run_labeled_pod_at(NS, "web", &[("app", "web")], "198.18.0.2")
         .await
         .unwrap();
-    create_policy(
+    new_policy(
         &cluster,
-        &bwp(
-            "batch-to-db",
-            "podSelector: {matchLabels: {app: batch}}\n\
+        "batch-to-db",
+        "podSelector: {matchLabels: {app: batch}}\n\
              egress: [{rate: 20M, peers: [{podSelector: {matchLabels: {app: db}}}]}]\n",
-        ),
     )
     .await;
     let rule = "bwp:shop/batch-to-db:egress0";
@@ -1726,12 +1708,10 @@ async fn a_shared_bandwidth_policy_across_two_nodes_holds_the_sum_and_moves_an_i
         .run_labeled_pod_at(NS, "batch-b", &[("app", "batch")], "198.18.0.1")
         .await
         .unwrap();
-    create_policy(
+    new_policy(
         &cluster,
-        &bwp(
-            "batch-total",
-            "podSelector: {matchLabels: {app: batch}}\nscope: Shared\negress: [{rate: 30M}]\n",
-        ),
+        "batch-total",
+        "podSelector: {matchLabels: {app: batch}}\nscope: Shared\negress: [{rate: 30M}]\n",
     )
     .await;
     let rule = "bwp:shop/batch-total:egress0";
@@ -1743,20 +1723,14 @@ async fn a_shared_bandwidth_policy_across_two_nodes_holds_the_sum_and_moves_an_i
             .find(|r| r.name == rule)
             .map(|r| r.limit.bps())
     };
-    let start = Instant::now();
-    while part(&agent_a) != Some(15 * M) || part(&agent_b) != Some(15 * M) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "parts {:?} {:?}",
-            part(&agent_a),
-            part(&agent_b)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    eprintln!(
-        "split 15M + 15M {:?} after the policy's creation",
-        start.elapsed()
-    );
+    let split = podshaper_testbed::k8s::wait_for(
+        "the two nodes' parts",
+        &(Some(15 * M), Some(15 * M)),
+        Duration::from_secs(10),
+        || Ok((part(&agent_a), part(&agent_b))),
+    )
+    .unwrap();
+    eprintln!("split 15M + 15M {split:?} after the policy's creation");
     let rates = flows_from(&pair, &[(&one, b), (&two, b)], false, 5);
     let sum: f64 = rates.iter().sum();
     eprintln!(
@@ -1831,13 +1805,11 @@ async fn a_policy_never_changes_a_flow_with_no_endpoint_in_its_namespace() {
         .run_labeled_pod_at("other", "server", &[("app", "y")], &server.to_string())
         .await
         .unwrap();
-    create_policy(
+    new_policy(
         &cluster,
-        &bwp(
-            "everything",
-            "podSelector: {}\negress: [{rate: 10M, peers: [{namespaceSelector: {}}]}]\n\
+        "everything",
+        "podSelector: {}\negress: [{rate: 10M, peers: [{namespaceSelector: {}}]}]\n\
              ingress: [{rate: 10M}]\n",
-        ),
     )
     .await;
     let bound = ["bwp:shop/everything:egress0", "bwp:shop/everything:ingress0"];
@@ -1876,12 +1848,10 @@ async fn a_pod_selected_by_more_rules_than_it_holds_keeps_what_it_has() {
         .run_labeled_pod_at(NS, "batch", &[("app", "batch")], "198.18.0.1")
         .await
         .unwrap();
-    create_policy(
+    new_policy(
         &cluster,
-        &bwp(
-            "three",
-            "podSelector: {matchLabels: {app: batch}}\negress: [{rate: 10M}, {rate: 20M}, {rate: 30M}]\n",
-        ),
+        "three",
+        "podSelector: {matchLabels: {app: batch}}\negress: [{rate: 10M}, {rate: 20M}, {rate: 30M}]\n",
     )
     .await;
     let bound = [
@@ -1892,9 +1862,10 @@ async fn a_pod_selected_by_more_rules_than_it_holds_keeps_what_it_has() {
     agent
         .wait_pod_rules(NS, "batch", &bound, Duration::from_secs(5))
         .unwrap();
-    create_policy(
+    new_policy(
         &cluster,
-        &bwp("two", "podSelector: {}\negress: [{rate: 1M}, {rate: 2M}]\n"),
+        "two",
+        "podSelector: {}\negress: [{rate: 1M}, {rate: 2M}]\n",
     )
     .await;
     let note = cluster

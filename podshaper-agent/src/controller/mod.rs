@@ -287,11 +287,8 @@ impl Controller {
             labels.push(p.labels.clone());
             ips.extend(p.ips.iter().copied());
         }
-        // Before the change: an address it gives back is still held twice here.
-        let mut touched = {
-            let refs: Vec<&BTreeMap<String, String>> = labels.iter().collect();
-            self.index.touching(namespace, &refs, &ips)
-        };
+        // An address it gives back is held twice before the change, one it takes after.
+        let mut any = self.index.held_twice(&ips);
         let changed = match info {
             Some(info) => self.index.set_pod(namespace.to_string(), name.to_string(), info),
             None => self.index.delete_pod(namespace, name),
@@ -299,10 +296,14 @@ impl Controller {
         if !changed {
             return;
         }
-        // After it: an address it took from another pod is held twice now.
-        let refs: Vec<&BTreeMap<String, String>> = labels.iter().collect();
-        touched.extend(self.index.touching(namespace, &refs, &ips));
-        self.dirty.extend(touched);
+        any |= self.index.held_twice(&ips);
+        if any {
+            self.all_dirty();
+        } else {
+            let refs: Vec<&BTreeMap<String, String>> = labels.iter().collect();
+            let touched = self.index.touching(namespace, &refs);
+            self.dirty.extend(touched);
+        }
     }
 
     fn on_namespace(&mut self, event: watcher::Event<Namespace>) {
@@ -396,7 +397,7 @@ impl Controller {
             let Some(labels) = self.index.pod(&ns, &name).map(|p| p.labels.clone()) else {
                 continue;
             };
-            let touched = self.index.touching(&ns, &[&labels], &[]);
+            let touched = self.index.touching(&ns, &[&labels]);
             self.dirty.extend(touched);
         }
     }
